@@ -1,0 +1,51 @@
+import torch
+
+from sdlearn.attention import AttentionRecorder, attention, attention_probs
+
+
+def naive_attention(q, k, v, heads, causal=False):
+    b, nq, c = q.shape
+    d = c // heads
+    split = lambda x: x.view(b, -1, heads, d).transpose(1, 2)
+    probs = attention_probs(split(q), split(k), causal)
+    return (probs @ split(v)).transpose(1, 2).reshape(b, nq, c)
+
+
+def test_attention_matches_softmax_formula():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 32, generator=g) for n in (10, 7, 7))
+    out = attention(q, k, v, heads=4)
+    assert out.shape == (2, 10, 32)
+    torch.testing.assert_close(out, naive_attention(q, k, v, 4), rtol=1e-5, atol=1e-5)
+
+
+def test_causal_attention_ignores_the_future():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 6, 16, generator=g) for _ in range(3))
+    out = attention(q, k, v, heads=2, causal=True)
+    torch.testing.assert_close(out, naive_attention(q, k, v, 2, causal=True), rtol=1e-5, atol=1e-5)
+    # Changing the last token must not change the earlier outputs.
+    k2, v2 = k.clone(), v.clone()
+    k2[:, -1] += 5
+    v2[:, -1] -= 3
+    out2 = attention(q, k2, v2, heads=2, causal=True)
+    torch.testing.assert_close(out[:, :-1], out2[:, :-1])
+    assert not torch.allclose(out[:, -1], out2[:, -1])
+
+
+def test_recorder_keeps_output_identical_and_rows_sum_to_one():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(2, 9, 24, generator=g), torch.randn(2, 5, 24, generator=g), torch.randn(2, 5, 24, generator=g)
+    plain = attention(q, k, v, heads=3, tag="layer.attn2")
+    with AttentionRecorder(lambda tag: tag.endswith("attn2")) as rec:
+        recorded = attention(q, k, v, heads=3, tag="layer.attn2")
+        attention(q, k, v, heads=3, tag="layer.attn1")   # not selected
+        attention(q, k, v, heads=3)                      # untagged: never recorded
+    assert torch.equal(plain, recorded)
+    assert list(rec.maps) == ["layer.attn2"]
+    (probs,) = rec.maps["layer.attn2"]
+    assert probs.shape == (2, 3, 9, 5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3, 9))
+    # Outside the `with` block nothing is recorded any more.
+    attention(q, k, v, heads=3, tag="layer.attn2")
+    assert len(rec.maps["layer.attn2"]) == 1
