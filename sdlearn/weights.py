@@ -272,38 +272,31 @@ def block_rules(component: str, config: ModelConfig) -> list[Rule]:
     return [("text_model", "text_model", [])]
 
 
-def to_original_key(key: str, rules: list[Rule]) -> str | None:
-    """sdlearn name → original name (without the component prefix); None if no rule applies."""
+def _rename(key: str, rules: list[tuple[str, str, list]]) -> str | None:
+    """Apply the rule with the longest matching block prefix, then the first matching inner rule."""
     best = None
-    for ours, theirs, inner in rules:
-        if (key == ours or key.startswith(ours + ".")) and (best is None or len(ours) > len(best[0])):
-            best = (ours, theirs, inner)
+    for src, dst, inner in rules:
+        if (key == src or key.startswith(src + ".")) and (best is None or len(src) > len(best[0])):
+            best = (src, dst, inner)
     if best is None:
         return None
-    ours, theirs, inner = best
-    rest = key[len(ours) + 1:]
+    src, dst, inner = best
+    rest = key[len(src) + 1:]
     for a, b in inner:
         if rest.startswith(a + "."):
             rest = b + rest[len(a):]
             break
-    return f"{theirs}.{rest}" if rest else theirs
+    return f"{dst}.{rest}" if rest else dst
+
+
+def to_original_key(key: str, rules: list[Rule]) -> str | None:
+    """sdlearn name → original name (without the component prefix); None if no rule applies."""
+    return _rename(key, rules)
 
 
 def from_original_key(key: str, rules: list[Rule]) -> str | None:
     """Original name (without the component prefix) → sdlearn name; the inverse of the above."""
-    best = None
-    for ours, theirs, inner in rules:
-        if (key == theirs or key.startswith(theirs + ".")) and (best is None or len(theirs) > len(best[1])):
-            best = (ours, theirs, inner)
-    if best is None:
-        return None
-    ours, theirs, inner = best
-    rest = key[len(theirs) + 1:]
-    for a, b in inner:
-        if rest.startswith(b + "."):
-            rest = a + rest[len(b):]
-            break
-    return f"{ours}.{rest}" if rest else ours
+    return _rename(key, [(theirs, ours, [(b, a) for a, b in inner]) for ours, theirs, inner in rules])
 
 
 def original_key_map(component: str, keys: Iterable[str], config: ModelConfig) -> dict[str, str]:
