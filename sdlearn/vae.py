@@ -1,0 +1,307 @@
+"""The KL autoencoder that moves Stable Diffusion between pixels and latents.
+
+    encoder:  x (B, 3, H, W) in [-1, 1]  →  (μ, log σ²), each (B, 4, H/8, W/8)
+    sample:   z = μ + σ · ε,  ε ~ N(0, I)                      (the reparameterisation trick)
+    decoder:  z (B, 4, H/8, W/8)  →  x̂ (B, 3, H, W) in [-1, 1]
+
+Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (2022), §3 and
+appendix G; reference code: CompVis `ldm/modules/diffusionmodules/model.py` (`Encoder`,
+`Decoder`) and diffusers `models/autoencoders/autoencoder_kl.py`, whose module names this file
+uses so that a diffusers `vae/` state dict loads with `strict=True`.
+
+The diffusion model never sees pixels: it works on `z · scaling_factor` (0.18215 for SD v1),
+which gives the latents roughly unit variance. `encode` and `decode` here work in the VAE's own
+scale; multiplying and dividing by `scaling_factor` is the caller's job.
+
+Building blocks, all with GroupNorm(32, eps=1e-6) and SiLU:
+    ResnetBlock2D   x + conv(SiLU(GN(conv(SiLU(GN(x))))))   (1×1 conv on x when channels change)
+    Downsample2D    pad (0, 1, 0, 1), then a 3×3 conv with stride 2 and no padding
+    Upsample2D      nearest-neighbour ×2, then a 3×3 conv
+    Attention       single-head self-attention over the H·W pixels, with a residual
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from .attention import attention, tag_attention_layers
+from .configs import VAEConfig
+
+NORM_EPS = 1e-6          # every GroupNorm of the VAE (the UNet uses 1e-5)
+LOGVAR_RANGE = (-30.0, 20.0)  # clamp of log σ², as in CompVis `DiagonalGaussianDistribution`
+
+
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=NORM_EPS)
+
+
+class ResnetBlock2D(nn.Module):
+    """h = conv2(SiLU(norm2(conv1(SiLU(norm1(x))))));  out = shortcut(x) + h.
+
+    (B, C_in, H, W) → (B, C_out, H, W). No timestep input: this is the VAE's ResBlock.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = _group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _group_norm(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Downsample2D(nn.Module):
+    """(B, C, H, W) → (B, C, H/2, W/2): zero-pad one pixel on the right and bottom only, then a
+    stride-2 3×3 conv. Padding symmetrically instead would shift the image by half a pixel per
+    level (four pixels in total), which shows up as a drift in img2img."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample2D(nn.Module):
+    """(B, C, H, W) → (B, C, 2H, 2W): repeat each pixel 2×2, then a 3×3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over pixels, with a residual:
+
+        h = GN(x) as H·W tokens of C channels;  out = x + W_o · Attention(W_q h, W_k h, W_v h)
+
+    (B, C, H, W) → (B, C, H, W). The projections are `nn.Linear` over channels (diffusers'
+    layout); the original checkpoints store them as 1×1 convs `[C, C, 1, 1]`, the same numbers.
+    """
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = _group_norm(channels, groups)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.tag: str | None = None   # set by tag_attention_layers, e.g. "decoder.mid_block.attentions.0"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)          # (B, H·W, C)
+        q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
+        out = self.to_out[0](attention(q, k, v, heads=1, tag=self.tag))  # (B, H·W, C)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class MidBlock(nn.Module):
+    """ResBlock → attention → ResBlock at the lowest resolution. (B, C, h, w) → (B, C, h, w)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels, groups)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class DownEncoderBlock2D(nn.Module):
+    """`num_layers` ResBlocks, then (except at the last level) a downsampler."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups)
+                                      for i in range(num_layers)])
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class UpDecoderBlock2D(nn.Module):
+    """`num_layers` ResBlocks, then (except at the last level) an upsampler."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups)
+                                      for i in range(num_layers)])
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) → (B, 2·latent_channels, H/f, W/f): the moments (μ, log σ²) stacked on channels.
+
+    conv_in → per level: ResBlocks (+ downsample) → mid block → GN → SiLU → conv_out.
+    SD v1.5: 128, 256, 512, 512 channels, two ResBlocks per level, f = 8.
+    """
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, groups, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([
+            DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, downsample=i < n - 1)
+            for i in range(n)])
+        self.mid_block = MidBlock(ch[-1], groups)
+        self.conv_norm_out = _group_norm(ch[-1], groups)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """(B, latent_channels, h, w) → (B, 3, f·h, f·w).
+
+    conv_in → mid block → per level (widest first): ResBlocks (+ upsample) → GN → SiLU → conv_out.
+    Each level has one ResBlock more than the encoder's (three in SD v1.5).
+    """
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, groups, n = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], groups)
+        self.up_blocks = nn.ModuleList([
+            UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, groups, upsample=i < n - 1)
+            for i in range(n)])
+        self.conv_norm_out = _group_norm(ch[-1], groups)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class DiagonalGaussian:
+    """The encoder's posterior q(z | x) = N(μ, diag σ²), from moments (B, 2C, h, w) split on channels.
+
+        log σ² clamped to [-30, 20];  σ = exp(½ log σ²)
+        sample:  z = μ + σ · ε,  ε ~ N(0, I)
+        mode:    μ
+        KL(q ‖ N(0, I)) = ½ Σ_{c,h,w} (μ² + σ² − 1 − log σ²)     (per image, shape (B,))
+    """
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(*LOGVAR_RANGE)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """μ + σ·ε. The noise is drawn on the generator's device (so a CPU generator gives the
+        same numbers as diffusers' `latent_dist.sample(generator)` on any device)."""
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+class AutoencoderKL(nn.Module):
+    """The SD VAE: `encode(images) → DiagonalGaussian`, `decode(z) → images`.
+
+        vae = AutoencoderKL(VAEConfig.sd15())
+        z = vae.encode(images).sample(generator)       # images (B, 3, H, W) in [-1, 1]
+        latents = z * vae.scaling_factor                # what the UNet works on
+        images = vae.decode(latents / vae.scaling_factor)
+    """
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        tag_attention_layers(self)
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.config.scaling_factor
+
+    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
+        """images (B, 3, H, W) in [-1, 1], H and W multiples of 8 → q(z | x) on (B, 4, H/8, W/8)."""
+        f, c = self.config.downsample_factor, self.config.in_channels
+        if images.ndim != 4 or images.shape[1] != c or images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(f"VAE.encode expects images of shape (B, {c}, H, W) with H and W multiples of {f}; "
+                             f"got {tuple(images.shape)}. Resize or crop the images to a multiple of {f}.")
+        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, 4, h, w) in the VAE's scale (diffusion latents / scaling_factor) → (B, 3, 8h, 8w) in about [-1, 1].
+
+        In float16 the decoder can overflow to inf/NaN (large activations in the last levels).
+        When that happens the decode is repeated with float32 copies of the weights (the model
+        itself stays float16) and the float32 result is returned, with a warning.
+        """
+        c = self.config.latent_channels
+        if z.ndim != 4 or z.shape[1] != c:
+            raise ValueError(f"VAE.decode expects latents of shape (B, {c}, h, w); got {tuple(z.shape)}")
+        images = self._decode(z)
+        if images.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(images).all():
+            warnings.warn(f"VAE decode in {images.dtype} gave inf/NaN; decoding again in float32", RuntimeWarning,
+                          stacklevel=2)
+            images = self._decode_float32(z)
+        return images
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+    def _decode_float32(self, z: torch.Tensor) -> torch.Tensor:
+        float32 = lambda module: {name: p.float() for name, p in module.named_parameters()}
+        with torch.autocast(z.device.type, enabled=False):
+            h = functional_call(self.post_quant_conv, float32(self.post_quant_conv), (z.float(),))
+            return functional_call(self.decoder, float32(self.decoder), (h,))
+
+    def forward(self, images: torch.Tensor, sample: bool = True,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """The reconstruction path used in training: x → q(z | x) → z → x̂.
+
+        images (B, 3, H, W) → (x̂ (B, 3, H, W), q(z | x)); z is a sample of q, or its mean when
+        `sample=False`. Training adds a KL term from `posterior.kl()` to the reconstruction loss.
+        """
+        posterior = self.encode(images)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self._decode(z), posterior
