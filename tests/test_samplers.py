@@ -1,0 +1,314 @@
+"""Samplers match diffusers' schedulers, step by step, for the SD v1.5 scheduler configuration.
+
+A fixed fake model (a random linear map of x plus a function of the — possibly fractional —
+timestep) stands in for the UNet, so that a wrong timestep, a wrong scale of the input or a
+wrong coefficient all change the trajectory. Both sides start from the same x_T and, for the
+stochastic samplers, from generators seeded alike.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler)
+
+from reference import rel_err
+from sdlearn.samplers import SAMPLERS, get_sampler, leading_timesteps
+from sdlearn.schedule import NoiseSchedule
+
+# The scheduler configuration shipped with SD v1.5 (as diffusers fills it in for a PNDMScheduler).
+SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            steps_offset=1, timestep_spacing="leading", set_alpha_to_one=False, skip_prk_steps=True,
+            clip_sample=False, prediction_type="epsilon", trained_betas=None)
+
+REFERENCE = {
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2)),
+}
+TOL = 1e-5
+STEPS = (1, 2, 5, 20, 50)
+SCHEDULE = NoiseSchedule.scaled_linear()
+
+
+class FakeUNet:
+    """ε(x, t) = W x + 0.3 x + b · (sin(t/97) + cos(t/300)), per pixel over channels."""
+
+    def __init__(self, channels: int = 4, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.W = torch.randn(channels, channels, generator=g) / channels ** 0.5 * 0.5
+        self.b = torch.randn(channels, 1, 1, generator=g)
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float32)
+        return (torch.einsum("oc,bchw->bohw", self.W, x) + 0.3 * x
+                + self.b * (torch.sin(t / 97) + torch.cos(t / 300)))
+
+
+MODEL = FakeUNet()
+
+
+def reference_scheduler(name: str, karras: bool = False, **config):
+    cls, extra = REFERENCE[name]
+    config = {**SD15, **extra, **config}
+    if karras and name != "euler_a":
+        config["use_karras_sigmas"] = True
+    sched = cls.from_config(config)
+    return sched
+
+
+def set_reference_timesteps(sched, name: str, n: int, karras: bool) -> None:
+    sched.set_timesteps(n)
+    if karras and name == "euler_a":
+        # diffusers' Euler ancestral has no Karras option (the config entry is ignored), so the
+        # reference is its ancestral step on the Karras σ table of diffusers' Euler.
+        euler = reference_scheduler("euler", karras=True)
+        euler.set_timesteps(n)
+        sched.sigmas, sched.timesteps = euler.sigmas.clone(), euler.timesteps.clone()
+
+
+def run(sampler, x_T, *, n: int | None = None, timesteps=None, generator=None, eta=None,
+        reference=False):
+    """The sampling loop of a diffusers pipeline; returns [(t, x_prev, x0_hat or None), …]."""
+    x = x_T * sampler.init_noise_sigma if timesteps is None else x_T
+    timesteps = sampler.timesteps if timesteps is None else timesteps
+    out = []
+    for t in timesteps:
+        if reference:
+            inp = sampler.scale_model_input(x, t)
+        else:
+            inp = sampler.scale_input(x, t)
+        eps = MODEL(inp, t)
+        kwargs = {}
+        if generator is not None:
+            kwargs["generator"] = generator
+        if eta is not None:
+            kwargs["eta"] = eta
+        res = sampler.step(eps, t, x, **kwargs)
+        x = res.prev_sample
+        x0 = getattr(res, "pred_original_sample", None)
+        if reference and x0 is None and hasattr(sampler, "model_outputs"):
+            x0 = sampler.model_outputs[-1]            # DPM-Solver++ keeps its x̂₀ here
+        out.append((t, x, x0))
+    return out
+
+
+def x_T(seed: int = 1, shape=(2, 4, 8, 8)) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_trajectory(ours, ref, label: str) -> float:
+    assert len(ours) == len(ref), f"{label}: {len(ours)} steps vs {len(ref)}"
+    worst = 0.0
+    for i, ((t, x, x0), (t_ref, x_ref, x0_ref)) in enumerate(zip(ours, ref)):
+        assert float(t) == float(t_ref), f"{label} step {i}: timestep {t} vs {t_ref}"
+        err = rel_err(x, x_ref)
+        if x0_ref is not None:
+            err = max(err, rel_err(x0, x0_ref))
+        assert err <= TOL, f"{label} step {i} (t={float(t)}): relative error {err:.2e} > {TOL}"
+        worst = max(worst, err)
+    return worst
+
+
+def compare(name: str, n: int, karras: bool = False, eta: float | None = None, seed: int = 0) -> float:
+    ref = reference_scheduler(name, karras)
+    set_reference_timesteps(ref, name, n, karras)
+    options = {"karras": True} if karras else {}
+    if eta is not None:
+        options["eta"] = eta
+    ours = get_sampler(name, SCHEDULE, **options)
+    ours.set_timesteps(n)
+
+    assert ours.timesteps.dtype == ref.timesteps.dtype, name
+    assert torch.equal(ours.timesteps, ref.timesteps), f"{name} {n}: {ours.timesteps} vs {ref.timesteps}"
+    assert float(ours.init_noise_sigma) == float(ref.init_noise_sigma)
+
+    stochastic = ours.stochastic
+    g_ours = torch.Generator().manual_seed(seed) if stochastic else None
+    g_ref = torch.Generator().manual_seed(seed) if stochastic else None
+    a = run(ours, x_T(), generator=g_ours)
+    b = run(ref, x_T(), generator=g_ref, eta=eta, reference=True)
+    return assert_same_trajectory(a, b, f"{name} karras={karras} N={n}")
+
+
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "pndm", "euler", "euler_a", "dpmpp_2m"])
+def test_sampler_matches_diffusers_step_by_step(name, n):
+    compare(name, n)
+
+
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("name", ["euler", "euler_a", "dpmpp_2m"])
+def test_karras_sigmas_match_diffusers(name, n):
+    compare(name, n, karras=True)
+
+
+@pytest.mark.parametrize("n", STEPS)
+def test_ddim_with_eta_matches_diffusers(n):
+    compare("ddim", n, eta=0.7)
+
+
+def test_ddpm_1000_steps_matches_diffusers():
+    """The full DDPM chain t = 999 … 0 (steps_offset=0: with SD's offset of 1, 1000 steps would
+    start at t = 1000, which diffusers indexes out of range and sdlearn refuses)."""
+    ref = DDPMScheduler.from_config({**SD15, "steps_offset": 0})
+    ref.set_timesteps(1000)
+    ours = get_sampler("ddpm", SCHEDULE, steps_offset=0)
+    ours.set_timesteps(1000)
+    assert torch.equal(ours.timesteps, torch.arange(999, -1, -1))
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    shape = (1, 4, 2, 2)
+    a = run(ours, x_T(shape=shape), generator=torch.Generator().manual_seed(3))
+    b = run(ref, x_T(shape=shape), generator=torch.Generator().manual_seed(3), reference=True)
+    assert_same_trajectory(a, b, "ddpm 1000")
+
+
+def test_ddpm_1000_steps_with_offset_explains_the_problem():
+    with pytest.raises(ValueError, match="1000.*steps_offset=0"):
+        get_sampler("ddpm").set_timesteps(1000)
+
+
+def test_stochastic_samplers_depend_on_the_generator():
+    for name, options in [("ddpm", {}), ("ddim", {"eta": 1.0}), ("euler_a", {})]:
+        results = []
+        for seed in (0, 1):
+            s = get_sampler(name, **options)
+            s.set_timesteps(5)
+            results.append(run(s, x_T(), generator=torch.Generator().manual_seed(seed))[-1][1])
+        assert rel_err(results[0], results[1]) > 1e-3, name
+
+
+def test_sd15_50_step_timesteps_are_leading_with_offset():
+    s = get_sampler("ddim")
+    s.set_timesteps(50)
+    assert s.timesteps.dtype == torch.int64
+    assert s.timesteps[:3].tolist() == [981, 961, 941] and s.timesteps[-1].item() == 1
+    assert torch.equal(s.timesteps, torch.arange(981, 0, -20))
+    assert torch.equal(leading_timesteps(50), s.timesteps)
+
+
+def test_pndm_repeats_the_second_timestep():
+    s = get_sampler("pndm")
+    s.set_timesteps(20)
+    assert s.timesteps[:5].tolist() == [951, 901, 901, 851, 801]
+    assert len(s.timesteps) == 21 and s.timesteps[-1].item() == 1
+
+
+def test_final_ddim_step_lands_on_alphas_cumprod_0_not_1():
+    """set_alpha_to_one=False: the last step goes to ᾱ_0, so x_prev = √ᾱ_0 x̂₀ + √(1−ᾱ_0) ε."""
+    s = get_sampler("ddim")
+    s.set_timesteps(50)
+    x = x_T()
+    eps = MODEL(x, 1)
+    out = s.step(eps, 1, x)
+    a0 = SCHEDULE.alphas_cumprod[0]
+    expected = a0.sqrt() * out.pred_original_sample + (1 - a0).sqrt() * eps
+    assert rel_err(out.prev_sample, expected) < 1e-6
+    assert rel_err(out.prev_sample, out.pred_original_sample) > 1e-3   # not x̂₀ itself
+
+
+def test_pred_original_sample_is_x0_hat_for_every_sampler():
+    for name in SAMPLERS:
+        s = get_sampler(name)
+        s.set_timesteps(10)
+        t = s.timesteps[0]
+        x = x_T() * s.init_noise_sigma
+        inp = s.scale_input(x, t)
+        eps = MODEL(inp, t)
+        out = s.step(eps, t, x)
+        a = SCHEDULE.alphas_cumprod[int(t)]
+        x0 = (inp - (1 - a).sqrt() * eps) / a.sqrt()        # in the ordinary (VP) x_t space
+        assert rel_err(out.pred_original_sample, x0) < 1e-5, name
+
+
+def test_set_timesteps_resets_history():
+    for name in ("pndm", "dpmpp_2m", "euler"):
+        s = get_sampler(name)
+        s.set_timesteps(5)
+        run(s, x_T())
+        s.set_timesteps(5)
+        first = run(s, x_T())
+        fresh = get_sampler(name)
+        fresh.set_timesteps(5)
+        assert rel_err(first[-1][1], run(fresh, x_T())[-1][1]) == 0.0, name
+
+
+def test_unknown_sampler_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="ddpm, ddim, pndm, euler, euler_a, dpmpp_2m"):
+        get_sampler("k_lms")
+
+
+# ---- img2img: the timesteps a strength leaves, and the noise added at the first of them -----
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+@pytest.mark.parametrize("n,strength", [(20, 0.8), (50, 0.3), (5, 1.0), (20, 0.5)])
+def test_img2img_timesteps_and_add_noise_match_diffusers(name, n, strength):
+    ref = reference_scheduler(name)
+    ref.set_timesteps(n)
+    # diffusers' StableDiffusionImg2ImgPipeline.get_timesteps
+    init_timestep = min(int(n * strength), n)
+    t_start = max(n - init_timestep, 0)
+    ref_timesteps = ref.timesteps[t_start * ref.order:]
+    if hasattr(ref, "set_begin_index"):
+        ref.set_begin_index(t_start * ref.order)
+
+    ours = get_sampler(name, SCHEDULE)
+    timesteps = ours.timesteps_for_strength(n, strength)
+    assert torch.equal(timesteps, ref_timesteps)
+
+    x0 = x_T(seed=5)
+    noise = x_T(seed=6)
+    latent_timestep = timesteps[:1].repeat(x0.shape[0])
+    noisy = ours.add_noise(x0, noise, latent_timestep)
+    noisy_ref = ref.add_noise(x0, noise, ref_timesteps[:1].repeat(x0.shape[0]))
+    assert rel_err(noisy, noisy_ref) <= 1e-6
+
+    gen = torch.Generator().manual_seed(4) if ours.stochastic else None
+    gen_ref = torch.Generator().manual_seed(4) if ours.stochastic else None
+    a = run(ours, noisy, timesteps=timesteps, generator=gen)
+    b = run(ref, noisy_ref, timesteps=ref_timesteps, generator=gen_ref, reference=True)
+    assert_same_trajectory(a, b, f"img2img {name} N={n} strength={strength}")
+
+
+def test_img2img_karras_add_noise_matches_diffusers():
+    for name in ("euler", "dpmpp_2m"):
+        ref = reference_scheduler(name, karras=True)
+        ref.set_timesteps(20)
+        ref.set_begin_index(6)
+        ours = get_sampler(name, karras=True)
+        timesteps = ours.timesteps_for_strength(20, 0.7)
+        assert torch.equal(timesteps, ref.timesteps[6:])
+        x0, noise = x_T(5), x_T(6)
+        t = timesteps[:1].repeat(2)
+        assert rel_err(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t)) <= 1e-6
+
+
+def test_img2img_strength_too_small_explains():
+    with pytest.raises(ValueError, match="no step"):
+        get_sampler("ddim").timesteps_for_strength(10, 0.05)
+
+
+def test_noise_from_a_cpu_generator_is_device_independent():
+    """The stochastic samplers draw from the generator's device, as diffusers' randn_tensor."""
+    from sdlearn.samplers import randn_like_diffusers
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    a = randn_like_diffusers(x, torch.Generator().manual_seed(0))
+    assert a.dtype == torch.float64
+    assert torch.equal(a, torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+
+
+def test_sample_loop_is_the_pipeline_loop():
+    from sdlearn.samplers import sample_loop
+    for name in ("euler_a", "pndm"):
+        s = get_sampler(name)
+        seen = []
+        final = sample_loop(s, MODEL, x_T(), 5, generator=torch.Generator().manual_seed(2),
+                            callback=lambda i, t, x, out: seen.append(int(t)))
+        s2 = get_sampler(name)
+        s2.set_timesteps(5)
+        expected = run(s2, x_T(), generator=torch.Generator().manual_seed(2))
+        assert seen == [int(t) for t, _, _ in expected]
+        assert torch.equal(final, expected[-1][1])
