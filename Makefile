@@ -30,8 +30,10 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --no-deps "stable-diffusion-sdkit==2.1.5"
 	touch $@
 
+ROOTFLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(ROOTFLAG) notebooks/
 
 # pytest exits with 5 when it collects no tests; that is not a failure of the code.
 test: install

@@ -1,0 +1,441 @@
+"""A synthetic captioned dataset of coloured shapes, and an analyser that reads pictures back.
+
+The tiny model learns from pictures like "a large red circle on the left": one (sometimes two)
+flat coloured shapes on a plain neutral background, 64×64 RGB. Captions follow the grammar
+
+    a [small|large] {red|green|blue|yellow|purple|orange} {circle|square|triangle}
+      [on the left|on the right|at the top|at the bottom|in the center]
+
+with variations ("red circle, left", "a picture of a blue square", "… and …"), and every sample
+also carries its structured attributes, so alignment is *measured*: `analyse(image)` finds the
+shape in any 64×64 picture (a generated one too) and says which colour, shape and position it has.
+
+    s = sample(7)                              # ShapeSample(image, caption, attributes)
+    data = make_dataset(20_000, seed=0)        # uint8 (N, 3, 64, 64), captions, attributes
+    analyse(s.image)                           # {"colour": "red", "shape": "circle", ...}
+    score_alignment(images, grammar_prompts()) # fraction of images that show what was asked
+
+Everything is deterministic by seed: sample i of `make_dataset(n, seed)` is drawn from
+`numpy.random.default_rng([seed, i])`, so it does not depend on n.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+SIZE = 64                     # image side in pixels
+SUPERSAMPLE = 4               # draw at 4× and average down: anti-aliased edges
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 38, 38),
+    "green": (34, 160, 60),
+    "blue": (40, 85, 225),
+    "yellow": (245, 215, 35),
+    "purple": (145, 55, 185),
+    "orange": (245, 125, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 0.25, "large": 0.42}               # side of the bounding box / image side
+SIZE_JITTER = 0.02
+POSITIONS: dict[str, tuple[float, float]] = {        # centre (x, y) / image side
+    "left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
+    "center": (0.5, 0.5),
+}
+POSITION_JITTER = 0.03
+POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
+                    "bottom": "at the bottom", "center": "in the center"}
+# Neutral backgrounds: low chroma, so no background can be mistaken for a shape colour.
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (242, 242, 242), "light grey": (200, 200, 200), "dark grey": (70, 70, 70),
+    "black": (22, 22, 22), "beige": (232, 222, 198),
+}
+# Two shapes go on opposite sides, so they never overlap.
+PAIRS = (("left", "right"), ("top", "bottom"))
+
+
+@dataclass(frozen=True)
+class ShapeSample:
+    """One picture: `image` uint8 (64, 64, 3), its caption, and what is in it.
+
+    attributes = {"background": "white", "shapes": [{"colour", "shape", "size", "position",
+    "cx", "cy", "extent"}, …]} with cx, cy, extent in pixels.
+    """
+    image: np.ndarray
+    caption: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pil(self) -> Image.Image:
+        return Image.fromarray(self.image)
+
+
+class ShapeDataset(NamedTuple):
+    images: torch.Tensor            # uint8 (N, 3, 64, 64)
+    captions: list[str]
+    attributes: list[dict[str, Any]]
+
+
+# ----------------------------------------------------------------------------------- drawing
+
+def _polygon(shape: str, cx: float, cy: float, e: float) -> list[tuple[float, float]] | None:
+    """Corner points of a shape whose bounding box is e × e around (cx, cy); None for a circle."""
+    h = e / 2
+    if shape == "square":
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":  # apex up, as wide as it is tall
+        return [(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    return None
+
+
+def draw(shapes: Sequence[dict[str, Any]], background: str | tuple[int, int, int],
+         size: int = SIZE) -> np.ndarray:
+    """Render shapes (dicts with colour, shape, cx, cy, extent in pixels) → uint8 (size, size, 3).
+
+    Drawn at SUPERSAMPLE× the resolution and box-filtered down, so edges are anti-aliased.
+    """
+    bg = BACKGROUNDS[background] if isinstance(background, str) else background
+    k = SUPERSAMPLE
+    canvas = Image.new("RGB", (size * k, size * k), bg)
+    pen = ImageDraw.Draw(canvas)
+    for s in shapes:
+        rgb = COLOURS[s["colour"]] if isinstance(s["colour"], str) else s["colour"]
+        cx, cy, e = s["cx"] * k, s["cy"] * k, s["extent"] * k
+        corners = _polygon(s["shape"], cx, cy, e)
+        if corners is None:
+            pen.ellipse([cx - e / 2, cy - e / 2, cx + e / 2, cy + e / 2], fill=rgb)
+        else:
+            pen.polygon(corners, fill=rgb)
+    return np.array(canvas.resize((size, size), Image.BOX))
+
+
+# ----------------------------------------------------------------------------------- captions
+
+def phrase(s: dict[str, Any], *, with_size: bool, with_position: bool) -> str:
+    """'a large red circle on the left' — the grammar's noun phrase for one shape."""
+    words = [s["size"]] if with_size else []
+    words += [s["colour"], s["shape"]]
+    if with_position:
+        words.append(POSITION_PHRASES[s["position"]])
+    return "a " + " ".join(words)
+
+
+def caption(shapes: Sequence[dict[str, Any]], rng: np.random.Generator) -> str:
+    """A caption for one or two shapes, with the grammar's variations.
+
+    Single shape (probabilities): 70 % the grammar with optional size and position,
+    10 % "a picture of …", 10 % terse "red circle, left", 10 % bare "red circle".
+    Two shapes: "… and …", always with positions (otherwise the caption is ambiguous).
+    """
+    if len(shapes) == 2:
+        return " and ".join(phrase(s, with_size=rng.random() < 0.4, with_position=True) for s in shapes)
+    s = shapes[0]
+    style = rng.random()
+    if style < 0.8:
+        text = phrase(s, with_size=rng.random() < 0.4, with_position=rng.random() < 0.75)
+        return "a picture of " + text if style >= 0.7 else text
+    if style < 0.9:
+        return f"{s['colour']} {s['shape']}, {s['position']}"
+    return f"{s['colour']} {s['shape']}"
+
+
+_WORD = {w: ("colour", w) for w in COLOURS} | {w: ("shape", w) for w in SHAPES} \
+    | {w: ("size", w) for w in SIZES} | {w: ("position", w) for w in POSITIONS} | {"centre": ("position", "center")}
+
+
+def parse_caption(text: str) -> list[dict[str, str | None]]:
+    """What a caption asks for, one dict per shape ("… and …"), None where it says nothing.
+
+    "a large red circle on the left" → [{"colour": "red", "shape": "circle", "size": "large",
+    "position": "left"}]. Understands every caption `caption()` writes and the grammar prompts.
+    """
+    found = []
+    for part in re.split(r"\band\b", text.lower()):
+        attrs: dict[str, str | None] = {"colour": None, "shape": None, "size": None, "position": None}
+        for word in re.findall(r"[a-z]+", part):
+            if word in _WORD:
+                key, value = _WORD[word]
+                attrs[key] = value
+        if any(attrs.values()):
+            found.append(attrs)
+    return found
+
+
+# ----------------------------------------------------------------------------------- sampling
+
+def _shape(rng: np.random.Generator, position: str) -> dict[str, Any]:
+    size = rng.choice(list(SIZES))
+    x, y = POSITIONS[position]
+    jitter = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=2)
+    extent = SIZES[size] + rng.uniform(-SIZE_JITTER, SIZE_JITTER)
+    return {"colour": str(rng.choice(list(COLOURS))), "shape": str(rng.choice(SHAPES)), "size": str(size),
+            "position": position, "cx": round(float((x + jitter[0]) * SIZE), 3),
+            "cy": round(float((y + jitter[1]) * SIZE), 3), "extent": round(float(extent * SIZE), 3)}
+
+
+def _overlap(a: dict[str, Any], b: dict[str, Any], gap: float = 3.0) -> bool:
+    reach = (a["extent"] + b["extent"]) / 2 + gap
+    return abs(a["cx"] - b["cx"]) < reach and abs(a["cy"] - b["cy"]) < reach
+
+
+def _sample(rng: np.random.Generator, two_shapes: float) -> ShapeSample:
+    background = str(rng.choice(list(BACKGROUNDS)))
+    if rng.random() < two_shapes:
+        pair = PAIRS[rng.integers(len(PAIRS))]
+        if rng.random() < 0.5:
+            pair = pair[::-1]
+        while True:  # redraw sizes and jitter until the two do not touch (rarely more than once)
+            shapes = [_shape(rng, p) for p in pair]
+            if not _overlap(*shapes):
+                break
+    else:
+        shapes = [_shape(rng, str(rng.choice(list(POSITIONS))))]
+    return ShapeSample(draw(shapes, background), caption(shapes, rng),
+                       {"background": background, "shapes": shapes})
+
+
+def sample(seed: int, index: int = 0, *, two_shapes: float = 0.0) -> ShapeSample:
+    """The picture drawn from `default_rng([seed, index])`; `two_shapes` = P(two shapes)."""
+    return _sample(np.random.default_rng([seed, index]), two_shapes)
+
+
+DATASET_VERSION = 1  # bump when drawing or captions change, so old caches are not reused
+
+
+def make_dataset(n: int, seed: int = 0, *, two_shapes: float = 0.1,
+                 cache_dir: str | Path | None = None) -> ShapeDataset:
+    """n samples → ShapeDataset(images uint8 (n, 3, 64, 64), captions, attributes).
+
+    About 0.5 ms per image; with `cache_dir` the result is stored once as a compressed .npz
+    (a few MB for 20,000 images) and read back on later calls with the same arguments.
+    """
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"shapes-v{DATASET_VERSION}-n{n}-seed{seed}-two{two_shapes:g}.npz"
+        if path.exists():
+            with np.load(path) as f:
+                return ShapeDataset(torch.from_numpy(f["images"]), json.loads(str(f["captions"])),
+                                    json.loads(str(f["attributes"])))
+    samples = [sample(seed, i, two_shapes=two_shapes) for i in range(n)]
+    images = np.stack([s.image for s in samples]).transpose(0, 3, 1, 2).copy()
+    data = ShapeDataset(torch.from_numpy(images), [s.caption for s in samples], [s.attributes for s in samples])
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, images=images, captions=json.dumps(data.captions),
+                            attributes=json.dumps(data.attributes))
+        tmp.replace(path)
+    return data
+
+
+def grammar_prompts() -> list[dict[str, str | None]]:
+    """The 108 benchmark prompts: 6 colours × 3 shapes × (no position + 5 positions).
+
+    Each entry: {"prompt": "a red circle on the left", "colour": "red", "shape": "circle",
+    "position": "left"} (position None for "a red circle").
+    """
+    prompts = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for position in (None, *POSITIONS):
+                text = f"a {colour} {shape}" + (f" {POSITION_PHRASES[position]}" if position else "")
+                prompts.append({"prompt": text, "colour": colour, "shape": shape, "position": position})
+    return prompts
+
+
+# ----------------------------------------------------------------------------------- analyser
+
+MIN_CONTRAST = 40.0   # RGB distance from the background below which a pixel is background
+MIN_PIXELS = 12       # smaller blobs are noise, not shapes
+TRIANGLE_SKEWNESS = -0.25  # vertical skewness of mass: apex-up triangle −0.57; circle, square 0
+SQUARE_FILL = 0.86         # share of the bounding box covered: square 1, circle 0.785
+
+
+def _as_array(image) -> np.ndarray:
+    """PIL image, uint8 array (H, W, 3) or tensor (3, H, W) (uint8, or float in [0, 1]) → float (H, W, 3) 0–255."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float32)
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim != 3 or t.shape[0] != 3:
+            raise ValueError(f"expected an image tensor (3, H, W), found shape {tuple(t.shape)}")
+        t = t.permute(1, 2, 0)
+        return (t.float() if t.dtype == torch.uint8 else t.float().clamp(0, 1) * 255).numpy()
+    a = np.asarray(image)
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise ValueError(f"expected an image array (H, W, 3), found shape {a.shape}")
+    return a.astype(np.float32) if a.dtype == np.uint8 else np.clip(a.astype(np.float32), 0, 1) * 255
+
+
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB 0–255 (…, 3) → CIE L*a*b* (D65): a space where distances match perceived colour."""
+    c = rgb / 255.0
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    xyz = c @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 216 / 24389, np.cbrt(xyz), (24389 / 27 * xyz + 16) / 116)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+_PALETTE_NAMES = list(COLOURS)
+_PALETTE_LAB = _lab(np.array([COLOURS[c] for c in _PALETTE_NAMES], dtype=np.float64))
+_LAB_WEIGHT = np.array([0.5, 1.0, 1.0])  # lightness counts half: hue and chroma name a colour
+
+
+def nearest_colour(rgb) -> tuple[str, float]:
+    """The palette colour nearest to an RGB triple in weighted L*a*b*, and that distance."""
+    d = np.linalg.norm((_lab(np.asarray(rgb, dtype=np.float64)) - _PALETTE_LAB) * _LAB_WEIGHT, axis=-1)
+    i = int(d.argmin())
+    return _PALETTE_NAMES[i], float(d[i])
+
+
+def _components(mask: np.ndarray) -> np.ndarray:
+    """4-connected components of a boolean mask → int labels (0 = background).
+
+    Every pixel starts with its own label and repeatedly takes the largest label among its
+    neighbours in the mask; when nothing changes, each component carries one label.
+    """
+    h, w = mask.shape
+    labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), 0)
+    while True:
+        grown = labels.copy()
+        grown[1:] = np.maximum(grown[1:], labels[:-1])
+        grown[:-1] = np.maximum(grown[:-1], labels[1:])
+        grown[:, 1:] = np.maximum(grown[:, 1:], labels[:, :-1])
+        grown[:, :-1] = np.maximum(grown[:, :-1], labels[:, 1:])
+        grown = np.where(mask, grown, 0)
+        if np.array_equal(grown, labels):
+            return labels
+        labels = grown
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """Grow a boolean mask by r pixels (a square neighbourhood)."""
+    out = mask.copy()
+    for _ in range(r):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= grown[:, :-1].copy()
+        grown[:, :-1] |= grown[:, 1:].copy()
+        out = grown
+    return out
+
+
+def _box3(a: np.ndarray) -> np.ndarray:
+    """3×3 mean filter (edges averaged over the pixels that exist)."""
+    padded = np.pad(a, 1)
+    ones = np.pad(np.ones_like(a), 1)
+    total = sum(padded[i:i + a.shape[0], j:j + a.shape[1]] for i in range(3) for j in range(3))
+    count = sum(ones[i:i + a.shape[0], j:j + a.shape[1]] for i in range(3) for j in range(3))
+    return total / count
+
+
+def shape_features(weight: np.ndarray) -> tuple[float, float]:
+    """Two numbers that tell circle, square and apex-up triangle apart, blur or not.
+
+    `weight` is the shape's soft coverage (0–1, 0 elsewhere).
+      fill = mass / (soft width · soft height): the share of its bounding box the shape
+        covers: square 1, circle π/4 ≈ 0.785, triangle ½. Mass, and widths read as
+        Σ_x max_y coverage (after a 3×3 mean against noise), survive a symmetric blur.
+      skewness of the mass over rows: an apex-up triangle's rows hold mass ∝ y, skewness
+        −0.57; circle and square 0. Blur keeps its sign and most of it, while it rounds
+        every corner away, so a small blurred triangle is still told apart.
+    """
+    smooth = _box3(weight)
+    fill = weight.sum() / max(smooth.max(axis=0).sum() * smooth.max(axis=1).sum(), 1e-6)
+    rows = weight.sum(axis=1)
+    y = np.arange(len(rows)) + 0.5
+    mean = (rows * y).sum() / rows.sum()
+    var = (rows * (y - mean) ** 2).sum() / rows.sum()
+    skewness = (rows * (y - mean) ** 3).sum() / rows.sum() / max(var, 1e-6) ** 1.5
+    return float(fill), float(skewness)
+
+
+def classify_shape(fill: float, skewness: float) -> str:
+    """Triangle if top-light, else square if it fills its box, else circle."""
+    if skewness < TRIANGLE_SKEWNESS:
+        return "triangle"
+    return "square" if fill > SQUARE_FILL else "circle"
+
+
+def _nearest_position(cx: float, cy: float, size: int) -> str:
+    return min(POSITIONS, key=lambda p: (POSITIONS[p][0] * size - cx) ** 2 + (POSITIONS[p][1] * size - cy) ** 2)
+
+
+def analyse_objects(image) -> list[dict[str, Any]]:
+    """Every shape found in an image, largest first.
+
+    1. background = the median colour of the 2-pixel border;
+    2. each 4-connected region of pixels farther than MIN_CONTRAST from it, of ≥ MIN_PIXELS
+       pixels, is one shape; its edge is where the distance crosses half the shape's own contrast
+       (so a dim shape next to a bright one keeps its true outline);
+       colour = nearest palette colour to the median of its most contrasted half (its core);
+       shape = from its soft coverage: skewness over rows (triangle) and fill of its box
+       (square vs circle), see `shape_features`;
+       position = anchor nearest to its bounding-box centre; size = small or large by its side.
+    Each entry: colour, shape, position, size, cx, cy, extent (px), area (px), fill, skewness,
+    colour_distance (weighted L*a*b* distance to the palette colour: small = a clean colour).
+    """
+    a = _as_array(image)
+    h, w, _ = a.shape
+    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3), a[:, -2:].reshape(-1, 3)])
+    bg = np.median(border, axis=0)
+    dist = np.linalg.norm(a - bg, axis=-1)
+    labels = _components(dist > MIN_CONTRAST)
+    ids, areas = np.unique(labels[labels > 0], return_counts=True)
+    found = []
+    threshold = (SIZES["small"] + SIZES["large"]) / 2 * h
+    for label in ids[areas >= MIN_PIXELS]:
+        region = labels == label
+        contrast = float(np.median(dist[region & (dist >= np.median(dist[region]))]))
+        blob = region & (dist > 0.5 * contrast)          # edges at half of this shape's own contrast
+        if blob.sum() < MIN_PIXELS:
+            continue
+        core = blob & (dist >= np.median(dist[blob]))
+        colour, colour_distance = nearest_colour(np.median(a[core], axis=0))
+        near = _dilate(blob, 3) & ~(labels > 0) | region   # around the blob, other blobs left out
+        weight = np.where(near, np.clip((dist - 0.25 * contrast) / (0.5 * contrast), 0, 1), 0.0)
+        fill, skewness = shape_features(weight)
+        ys, xs = np.nonzero(blob)
+        cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+        extent = float(max(xs.max() - xs.min(), ys.max() - ys.min()) + 1)
+        found.append({"colour": colour, "shape": classify_shape(fill, skewness), "position": _nearest_position(cx, cy, h),
+                      "size": "large" if extent > threshold else "small", "cx": float(cx), "cy": float(cy),
+                      "extent": extent, "area": int(blob.sum()), "fill": fill, "skewness": skewness,
+                      "colour_distance": colour_distance})
+    return sorted(found, key=lambda o: -o["area"])
+
+
+def analyse(image) -> dict[str, Any]:
+    """The largest shape in an image: {"colour", "shape", "position", "size", …, "found": True},
+    or {"colour": None, "shape": None, "position": None, "size": None, "found": False}."""
+    objects = analyse_objects(image)
+    if not objects:
+        return {"colour": None, "shape": None, "position": None, "size": None, "found": False}
+    return objects[0] | {"found": True}
+
+
+def score_alignment(images: Sequence, expected: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Fraction of images whose largest shape has the expected colour, shape and position.
+
+    `expected[i]` holds "colour", "shape", "position" (None = not asked, not counted), e.g. the
+    entries of `grammar_prompts()`. Returns {"colour": …, "shape": …, "position": …, "found": …}.
+    """
+    if len(images) != len(expected):
+        raise ValueError(f"got {len(images)} images for {len(expected)} expectations; pass one each")
+    hits = {k: [] for k in ("colour", "shape", "position")}
+    found = 0
+    for image, want in zip(images, expected):
+        got = analyse(image)
+        found += got["found"]
+        for key in hits:
+            if want.get(key) is not None:
+                hits[key].append(got[key] == want[key])
+    return {k: (float(np.mean(v)) if v else float("nan")) for k, v in hits.items()} | {"found": found / len(images)}
