@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .viz import to_uint8
+
 SIZE = 64                     # image side in pixels
 SUPERSAMPLE = 4               # draw at 4× and average down: anti-aliased edges
 
@@ -257,22 +259,6 @@ TRIANGLE_SKEWNESS = -0.25  # vertical skewness of mass: apex-up triangle −0.57
 SQUARE_FILL = 0.86         # share of the bounding box covered: square 1, circle 0.785
 
 
-def _as_array(image) -> np.ndarray:
-    """PIL image, uint8 array (H, W, 3) or tensor (3, H, W) (uint8, or float in [0, 1]) → float (H, W, 3) 0–255."""
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.float32)
-    if isinstance(image, torch.Tensor):
-        t = image.detach().cpu()
-        if t.ndim != 3 or t.shape[0] != 3:
-            raise ValueError(f"expected an image tensor (3, H, W), found shape {tuple(t.shape)}")
-        t = t.permute(1, 2, 0)
-        return (t.float() if t.dtype == torch.uint8 else t.float().clamp(0, 1) * 255).numpy()
-    a = np.asarray(image)
-    if a.ndim != 3 or a.shape[-1] != 3:
-        raise ValueError(f"expected an image array (H, W, 3), found shape {a.shape}")
-    return a.astype(np.float32) if a.dtype == np.uint8 else np.clip(a.astype(np.float32), 0, 1) * 255
-
-
 def _lab(rgb: np.ndarray) -> np.ndarray:
     """sRGB 0–255 (…, 3) → CIE L*a*b* (D65): a space where distances match perceived colour."""
     c = rgb / 255.0
@@ -383,7 +369,7 @@ def analyse_objects(image) -> list[dict[str, Any]]:
     Each entry: colour, shape, position, size, cx, cy, extent (px), area (px), fill, skewness,
     colour_distance (weighted L*a*b* distance to the palette colour: small = a clean colour).
     """
-    a = _as_array(image)
+    a = to_uint8(image).astype(np.float32)
     h, w, _ = a.shape
     border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3), a[:, -2:].reshape(-1, 3)])
     bg = np.median(border, axis=0)

@@ -23,6 +23,8 @@ def to_uint8(image) -> np.ndarray:
             t = (t.float().clamp(0, 1) * 255).round().to(torch.uint8)
         return t.expand(3, -1, -1).permute(1, 2, 0).numpy()
     a = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise ValueError(f"expected an image array (H, W, 3), found shape {a.shape}")
     if a.dtype != np.uint8:
         a = (np.clip(a.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
     return a

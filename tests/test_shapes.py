@@ -162,3 +162,18 @@ def test_score_alignment_counts_only_what_was_asked():
     assert shapes.score_alignment([wrong], prompts[:1]) == {"colour": 0.0, "shape": 0.0,
                                                            "position": pytest.approx(float("nan"), nan_ok=True),
                                                            "found": 1.0}
+
+
+def test_image_grid_shows_each_image_with_its_caption():
+    import matplotlib
+    matplotlib.use("Agg")
+    from sdlearn import viz
+
+    d = shapes.make_dataset(5, seed=0)
+    fig = viz.image_grid(list(d.images), d.captions, ncols=3)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(fig.axes) == 6 and len(shown) == 5
+    assert np.array_equal(shown[2].images[0].get_array(), d.images[2].permute(1, 2, 0).numpy())
+    assert shown[2].get_title().replace("\n", " ") == d.captions[2]
+    with pytest.raises(ValueError, match="one caption per image"):
+        viz.image_grid(list(d.images), d.captions[:2])
