@@ -489,15 +489,16 @@ def sample_loop(sampler: Sampler, model, x_T: torch.Tensor, steps: int, *,
 
         x ← x_T · init_noise_sigma;  for t in timesteps:  x ← step(model(scale_input(x, t), t), t, x)
 
-    `x_T` is unit-variance noise. `callback(i, t, x, out)` sees each step's input x and its
-    StepOutput (for trajectories and x̂₀ previews). Returns the final sample.
+    `x_T` is unit-variance noise. `callback(i, t, x_in, out)` sees, at each step, the noisy
+    sample as the model saw it (the ordinary x_t, whatever scale the sampler keeps inside) and
+    the StepOutput (for trajectories and x̂₀ previews). Returns the final sample.
     """
     sampler.set_timesteps(steps)
     x = x_T * sampler.init_noise_sigma
     for i, t in enumerate(sampler.timesteps):
-        eps = model(sampler.scale_input(x, t), t)
-        out = sampler.step(eps, t, x, generator=generator)
+        x_in = sampler.scale_input(x, t)
+        out = sampler.step(model(x_in, t), t, x, generator=generator)
         if callback is not None:
-            callback(i, t, x, out)
+            callback(i, t, x_in, out)
         x = out.prev_sample
     return x

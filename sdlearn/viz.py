@@ -1,6 +1,7 @@
-"""Plots for the notebooks: image grids with captions (more to come: schedules, attention maps).
+"""Plots for the notebooks: image grids with captions, noise schedules, an image noised to a
+timestep, 2-D sampler trajectories (more to come: attention maps).
 
-Every function returns a matplotlib Figure, so a notebook shows it and a script saves it
+Every plotting function returns a matplotlib Figure, so a notebook shows it and a script saves it
 (`fig.savefig("grid.png")`). Images may be PIL images, uint8 arrays (H, W, 3), or tensors
 (3, H, W): uint8, or float in [0, 1] (as `pipe.generate(...).pixels`).
 """
@@ -52,5 +53,96 @@ def image_grid(images: Sequence, captions: Sequence[str] | None = None, *, ncols
         ax.imshow(to_uint8(images[i]), interpolation="nearest")
         if captions is not None:
             ax.set_title("\n".join(textwrap.wrap(captions[i], 24)), fontsize=fontsize)
+    fig.tight_layout()
+    return fig
+
+
+# ---- noise schedules and the reverse process (notebook 03) --------------------------------
+
+SCHEDULE_QUANTITIES = {
+    "betas": "β_t",
+    "alphas_cumprod": "ᾱ_t",
+    "sqrt_alphas_cumprod": "√ᾱ_t  (signal)",
+    "sqrt_one_minus_alphas_cumprod": "√(1−ᾱ_t)  (noise)",
+    "log_snr": "log SNR(t) = log ᾱ_t/(1−ᾱ_t)",
+    "posterior_variance": "β̃_t (posterior variance)",
+}
+
+
+def plot_schedules(schedules, quantities: Sequence[str] = ("betas", "alphas_cumprod"), *,
+                   size: tuple[float, float] = (4.0, 2.8), logy: Sequence[str] = ()):
+    """One panel per quantity (names in SCHEDULE_QUANTITIES), one line per noise schedule.
+
+    `schedules`: a NoiseSchedule, a list of them (labelled by `.name`) or a dict label → schedule.
+    Quantities named in `logy` get a logarithmic y axis. Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    if hasattr(schedules, "alphas_cumprod"):
+        schedules = [schedules]
+    if not isinstance(schedules, dict):
+        schedules = {s.name: s for s in schedules}
+    unknown = [q for q in quantities if q not in SCHEDULE_QUANTITIES]
+    if unknown:
+        raise ValueError(f"unknown quantities {unknown}; expected some of {list(SCHEDULE_QUANTITIES)}")
+    fig, axes = plt.subplots(1, len(quantities), figsize=(size[0] * len(quantities), size[1]), squeeze=False)
+    for ax, q in zip(axes[0], quantities):
+        for label, s in schedules.items():
+            values = s.log_snr() if q == "log_snr" else getattr(s, q)
+            ax.plot(values.numpy(), label=label)
+        ax.set_title(SCHEDULE_QUANTITIES[q], fontsize=10)
+        ax.set_xlabel("timestep t (0-based)")
+        if q in logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def noise_image(image, t: int, schedule, seed: int = 0) -> torch.Tensor:
+    """An image noised by the forward process at timestep t: x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε with
+    x_0 the image scaled to [-1, 1] and ε from `seed` (the same ε for every t).
+    Returns a float tensor (3, H, W) in [0, 1] (x_t is clipped for display)."""
+    x0 = torch.from_numpy(to_uint8(image)).permute(2, 0, 1).float() / 127.5 - 1
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    xt = schedule.q_sample(x0[None], int(t), eps[None])[0]
+    return ((xt + 1) / 2).clamp(0, 1)
+
+
+def plot_trajectories(paths: dict, density=None, *, ncols: int = 4, size: float = 2.6,
+                      lim: float = 3.0, show: int = 30):
+    """2-D sampler trajectories, one panel per entry of `paths` (label → tensor (steps+1, n, 2)).
+
+    The first `show` points get their whole path drawn; every point's end is a dot. `density`,
+    if given, is anything with `.log_prob(points (m, 2))` (e.g. sdlearn.toy.GaussianMixture) and is
+    drawn underneath. Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    n = len(paths)
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size), squeeze=False)
+    if density is not None:
+        g = torch.linspace(-lim, lim, 120)
+        grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
+        dens = density.log_prob(grid).exp().reshape(120, 120).numpy()
+    for ax in axes.flat:
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax, (label, path) in zip(axes.flat, paths.items()):
+        path = path.detach().cpu()
+        if density is not None:
+            ax.contourf(g.numpy(), g.numpy(), dens, levels=8, cmap="Greys", alpha=0.5)
+        for i in range(min(show, path.shape[1])):
+            ax.plot(path[:, i, 0].numpy(), path[:, i, 1].numpy(), lw=0.6, alpha=0.7)
+        ax.scatter(path[-1, :, 0].numpy(), path[-1, :, 1].numpy(), s=2, c="k")
+        ax.set_title(label, fontsize=9)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
     fig.tight_layout()
     return fig

@@ -13,7 +13,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler)
 
 from reference import rel_err
-from sdlearn.samplers import SAMPLERS, get_sampler, leading_timesteps
+from sdlearn.samplers import SAMPLERS, SigmaSampler, get_sampler, leading_timesteps
 from sdlearn.schedule import NoiseSchedule
 
 # The scheduler configuration shipped with SD v1.5 (as diffusers fills it in for a PNDMScheduler).
@@ -304,11 +304,17 @@ def test_sample_loop_is_the_pipeline_loop():
     from sdlearn.samplers import sample_loop
     for name in ("euler_a", "pndm"):
         s = get_sampler(name)
-        seen = []
+        seen, inputs = [], []
         final = sample_loop(s, MODEL, x_T(), 5, generator=torch.Generator().manual_seed(2),
-                            callback=lambda i, t, x, out: seen.append(int(t)))
+                            callback=lambda i, t, x_in, out: (seen.append(int(t)), inputs.append(x_in)))
         s2 = get_sampler(name)
         s2.set_timesteps(5)
         expected = run(s2, x_T(), generator=torch.Generator().manual_seed(2))
         assert seen == [int(t) for t, _, _ in expected]
         assert torch.equal(final, expected[-1][1])
+        # what the model saw at step 2: the sample after step 1, scaled for the model
+        s3 = get_sampler(name)
+        s3.set_timesteps(5)
+        if isinstance(s3, SigmaSampler):
+            s3.step_index = 2
+        assert torch.equal(inputs[2], s3.scale_input(expected[1][1], s3.timesteps[2]))

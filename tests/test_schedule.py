@@ -128,3 +128,32 @@ def test_q_sample_rejects_bad_timesteps():
         s.q_sample(x, 1000, x)
     with pytest.raises(ValueError, match="one timestep per batch element"):
         s.q_sample(x, torch.tensor([1, 2, 3]), x)
+
+
+# ---- the plain functions behind notebook 03's plots and timestep slider ----------------------
+
+def test_noise_image_is_q_sample_of_the_image_in_minus_one_to_one():
+    from sdlearn import viz
+    s = NoiseSchedule.scaled_linear()
+    img = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x0 = img.float() / 127.5 - 1
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    expected = ((s.q_sample(x0[None], 300, eps[None])[0] + 1) / 2).clamp(0, 1)
+    out = viz.noise_image(img, 300, s, seed=7)
+    assert out.shape == (3, 16, 16) and rel_err(out, expected) < 1e-6
+    assert rel_err(viz.noise_image(img, 0, s), img.float() / 255) < 0.05      # barely noised at t=0
+    late = viz.noise_image(img, 999, s, seed=7)
+    assert abs(torch.corrcoef(torch.stack([late.flatten(), x0.flatten()]))[0, 1]) < 0.2
+
+
+def test_plot_schedules_draws_one_line_per_schedule_and_panel_per_quantity():
+    import matplotlib
+    matplotlib.use("Agg")
+    from sdlearn import viz
+    schedules = [NoiseSchedule.linear(), NoiseSchedule.scaled_linear(), NoiseSchedule.cosine()]
+    fig = viz.plot_schedules(schedules, ["alphas_cumprod", "log_snr"])
+    assert len(fig.axes) == 2 and all(len(ax.lines) == 3 for ax in fig.axes)
+    line = fig.axes[0].lines[1].get_ydata()
+    assert torch.equal(torch.as_tensor(line), schedules[1].alphas_cumprod)
+    with pytest.raises(ValueError, match="unknown quantities"):
+        viz.plot_schedules(schedules, ["alpha"])

@@ -62,3 +62,16 @@ def test_samplers_with_the_ideal_denoiser_recover_the_mixture(name):
     assert (nearest.values < 4 * mix.stds[0]).float().mean() > 0.97   # samples land on the blobs
     counts = torch.bincount(nearest.indices, minlength=len(mix.weights)) / len(x)
     assert (counts - mix.weights).abs().max() < 0.04                 # in the right proportions
+
+
+def test_plot_trajectories_draws_paths_and_end_points():
+    import matplotlib
+    matplotlib.use("Agg")
+    from sdlearn import viz
+    mix = GaussianMixture.ring()
+    paths = {"a": torch.randn(11, 50, 2), "b": torch.randn(6, 50, 2)}
+    fig = viz.plot_trajectories(paths, density=mix, show=5)
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == ["a", "b"]
+    assert len(axes[0].lines) == 5 and len(axes[0].lines[0].get_xdata()) == 11
+    assert axes[1].collections[-1].get_offsets().shape == (50, 2)
