@@ -137,7 +137,7 @@ def plot_trajectories(paths: dict, density=None, *, ncols: int = 4, size: float 
     for ax, (label, path) in zip(axes.flat, paths.items()):
         path = path.detach().cpu()
         if density is not None:
-            ax.contourf(g.numpy(), g.numpy(), dens, levels=8, cmap="Greys", alpha=0.5)
+            ax.contourf(g.numpy(), g.numpy(), dens, levels=6, cmap="Blues")
         for i in range(min(show, path.shape[1])):
             ax.plot(path[:, i, 0].numpy(), path[:, i, 1].numpy(), lw=0.6, alpha=0.7)
         ax.scatter(path[-1, :, 0].numpy(), path[-1, :, 1].numpy(), s=2, c="k")
