@@ -30,6 +30,7 @@ timestep of the chain; x̂₀ the model's current estimate of the clean sample.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -480,7 +481,13 @@ def get_sampler(name: str, schedule: NoiseSchedule | None = None, **options) -> 
     (the last three take karras=True). `schedule` defaults to SD v1's scaled_linear."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name](schedule, **options)
+    cls = SAMPLERS[name]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "schedule")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"sampler {name!r} does not take {', '.join(unknown)}; its options are "
+                         f"{', '.join(accepted)}")
+    return cls(schedule, **options)
 
 
 def sample_loop(sampler: Sampler, model, x_T: torch.Tensor, steps: int, *,

@@ -44,8 +44,8 @@ class FakeUNet:
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float32)
-        return (torch.einsum("oc,bchw->bohw", self.W, x) + 0.3 * x
-                + self.b * (torch.sin(t / 97) + torch.cos(t / 300)))
+        return (torch.einsum("oc,bchw->bohw", self.W.to(x.dtype), x) + 0.3 * x
+                + self.b * (torch.sin(t / 97) + torch.cos(t / 300))).to(x.dtype)
 
 
 MODEL = FakeUNet()
@@ -241,6 +241,12 @@ def test_unknown_sampler_name_lists_the_valid_ones():
         get_sampler("k_lms")
 
 
+def test_unknown_option_lists_the_sampler_options():
+    with pytest.raises(ValueError, match="'euler' does not take eta; its options are karras, steps_offset"):
+        get_sampler("euler", eta=0.5)
+    assert get_sampler("ddim", eta=0.5).eta == 0.5
+
+
 # ---- img2img: the timesteps a strength leaves, and the noise added at the first of them -----
 
 @pytest.mark.parametrize("name", list(REFERENCE))
@@ -318,3 +324,18 @@ def test_sample_loop_is_the_pipeline_loop():
         if isinstance(s3, SigmaSampler):
             s3.step_index = 2
         assert torch.equal(inputs[2], s3.scale_input(expected[1][1], s3.timesteps[2]))
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_float16_latents_follow_diffusers_dtype_handling(name):
+    """fp16 latents (as on a GPU): the σ-samplers compute in float32 and cast back, like diffusers."""
+    ref = reference_scheduler(name)
+    ref.set_timesteps(5)
+    ours = get_sampler(name)
+    ours.set_timesteps(5)
+    gen = (lambda: torch.Generator().manual_seed(0)) if ours.stochastic else (lambda: None)
+    a = run(ours, x_T().half(), generator=gen())
+    b = run(ref, x_T().half(), generator=gen(), reference=True)
+    assert all(x.dtype == torch.float16 for _, x, _ in a)
+    for (_, x, _), (_, x_ref, _) in zip(a, b):
+        assert rel_err(x, x_ref) <= 1e-3
