@@ -22,7 +22,7 @@ tokens are); in any other case they are ordinary text.
 
 The vocabulary is OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT licence, `data/LICENSE-CLIP.txt`):
 256 byte symbols, the same 256 with `</w>`, one symbol per merge (48,894), and the two specials:
-49,408 ids. A diffusers folder's `tokenizer/vocab.json` + `merges.txt` load with `from_pretrained`.
+49,408 ids. A diffusers folder's `tokenizer/vocab.json` + `merges.txt` load with `from_folder`.
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ class CLIPTokenizer:
         return cls(vocab, merges, pad_token)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "CLIPTokenizer":
+    def from_folder(cls, folder: str | Path) -> "CLIPTokenizer":
         """From a diffusers folder (its `tokenizer/`) or a folder holding vocab.json and merges.txt.
 
         The padding token comes from `tokenizer_config.json` when there is one (SD v1.x:

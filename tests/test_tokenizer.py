@@ -140,18 +140,18 @@ def test_bundled_vocabulary_is_openais_with_49408_ids_and_48894_merges(tok):
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (49406, 49407, 49407)
 
 
-def test_from_pretrained_reads_a_diffusers_tokenizer_folder(folder, tmp_path):
+def test_from_folder_reads_a_diffusers_tokenizer_folder(folder, tmp_path):
     (tmp_path / "tokenizer").mkdir()
     for name in ("vocab.json", "merges.txt"):
         (tmp_path / "tokenizer" / name).write_bytes((folder / name).read_bytes())
-    loaded = CLIPTokenizer.from_pretrained(tmp_path)
+    loaded = CLIPTokenizer.from_folder(tmp_path)
     assert loaded.encoder == default_tokenizer().encoder
     assert loaded.bpe_ranks == default_tokenizer().bpe_ranks
     assert loaded.encode("a photograph of an astronaut riding a horse") == ASTRONAUT
     (tmp_path / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"pad_token": "!"}))
-    assert CLIPTokenizer.from_pretrained(tmp_path).pad_token_id == 0     # SD 2.x style padding
+    assert CLIPTokenizer.from_folder(tmp_path).pad_token_id == 0     # SD 2.x style padding
     with pytest.raises(FileNotFoundError, match="vocab.json"):
-        CLIPTokenizer.from_pretrained(tmp_path / "tokenizer" / "nothing")
+        CLIPTokenizer.from_folder(tmp_path / "tokenizer" / "nothing")
 
 
 # -- parity with transformers -------------------------------------------------------------------
