@@ -330,9 +330,12 @@ def to_original_layout(state_dicts: dict[str, dict[str, torch.Tensor]], config: 
 
 
 def save_original_checkpoint(path: str | os.PathLike, models: dict[str, torch.nn.Module], config: ModelConfig,
-                             dtype: torch.dtype | None = None, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write models {"text_encoder", "unet", "vae"} as one original-layout safetensors file with
-    the sdlearn config in its metadata. Refuses to overwrite an existing file."""
+                             dtype: torch.dtype | None = None, extra_metadata: dict[str, str] | None = None,
+                             store_config: bool = True) -> Path:
+    """Write models {"text_encoder", "unet", "vae"} as one original-layout safetensors file, with
+    the sdlearn config in its metadata (unless store_config=False: then, like a real SD v1.x
+    file, it is recognised as SD v1.5 by its shapes). Refuses to overwrite an existing file and
+    writes through a temporary file, so an interrupted save leaves nothing half-written."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -340,7 +343,9 @@ def save_original_checkpoint(path: str | os.PathLike, models: dict[str, torch.nn
         raise FileExistsError(f"{path} exists; remove it first or choose another name")
     sds = {c: {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
                for k, v in m.state_dict().items()} for c, m in models.items()}
-    meta = {"sdlearn_config": json.dumps(config.to_dict()), "format": "pt", **(extra_metadata or {})}
+    meta = {"format": "pt", **(extra_metadata or {})}
+    if store_config:
+        meta["sdlearn_config"] = json.dumps(config.to_dict())
     tmp = path.with_name(path.name + ".partial")
     save_file(to_original_layout(sds, config), str(tmp), metadata=meta)
     os.replace(tmp, path)
