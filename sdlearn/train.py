@@ -1,0 +1,675 @@
+"""Training the tiny model: the VAE first, then the UNet together with its text encoder.
+
+    sdlearn train vae    --out runs/tiny --steps 1500      # reconstruction + small KL
+    sdlearn train unet   --out runs/tiny --steps 4000      # ε-prediction, caption dropout
+    sdlearn train export runs/tiny sdlearn/data/tiny.safetensors
+    torchrun --nproc_per_node 2 -m sdlearn.train unet --out runs/tiny    # several processes
+
+Stage 1, the VAE (Rombach et al. 2022, §3 and appendix G, without the GAN and LPIPS terms):
+
+    x̂ = D(z),  z = μ + σ·ε  with (μ, log σ²) = E(x)
+    L_vae = |x − x̂|₁ + λ₂ ‖x − x̂‖² + λ_edge |∇x − ∇x̂|₁ + λ_KL · KL(N(μ, σ²) ‖ N(0, I)) / dim z
+
+  (all means per element). Afterwards the whole dataset is encoded once, and the latent scale
+  is *measured*: scaling_factor = 1 / std(z) over the dataset (SD v1 did the same and got 0.18215),
+  stored in the run's config.json, so the diffusion model sees latents of unit variance.
+
+Stage 2, the UNet and a CLIP-architecture text encoder trained from scratch on the real
+tokenizer (Ho et al. 2020, Algorithm 1; classifier-free guidance as Ho & Salimans 2022):
+
+    z₀ = s · (μ + σ·ε′),  t ~ U{0 … 999},  ε ~ N(0, I),  z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε
+    c = CLIP(caption), replaced by CLIP("") with probability p_drop
+    L_unet = ‖ε − ε_θ(z_t, t, c)‖²
+
+with SD v1's scaled_linear schedule. Both stages use AdamW with a linear warm-up, an EMA of
+the weights (the EMA weights are what gets exported), gradient clipping, periodic checkpoints
+(model, EMA, optimizer, step, RNG state) and `--resume`.
+
+Randomness: the batch of step k (which images, ε, t, dropout) is drawn from a generator seeded
+with (seed, k), for the *global* batch; each process takes its slice. So a resumed run continues
+exactly as an uninterrupted one would, and N processes compute the same thing as one process
+with the same global batch (DistributedDataParallel averages the gradients).
+
+A run folder holds config.json (the ModelConfig), vae.pt, latents.pt, unet.pt, log.jsonl (losses
+and evaluations, one JSON object per line) and samples-*.png (the evaluation prompts' images).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import shapes
+from .configs import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
+from .device import resolve_device
+
+MAX_EXPORT_BYTES = 25_000_000
+
+
+# --------------------------------------------------------------------------------- settings
+
+@dataclass
+class Settings:
+    """Everything a stage needs besides the model config. CLI flags have the same names."""
+    steps: int = 1500
+    batch: int = 32                  # global batch: split across processes
+    lr: float = 5e-4
+    warmup: int = 100                # steps of linear learning-rate warm-up
+    weight_decay: float = 0.01       # on matrices and kernels only
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    images: int = 20_000             # dataset size
+    two_shapes: float = 0.1          # share of pictures with two shapes
+    seed: int = 0
+    checkpoint_every: int = 250
+    log_every: int = 10
+    # stage vae
+    kl_weight: float = 1e-4
+    l2_weight: float = 1.0
+    edge_weight: float = 0.5
+    # stage unet
+    caption_dropout: float = 0.1     # P(caption → ""), which teaches the unconditional ε for CFG
+    captions_per_image: int = 4      # the dataset's caption plus re-worded variants
+    eval_every: int = 0              # 0: evaluate only at the end
+    eval_steps: int = 20             # sampler steps per evaluation image; 0: no evaluation
+    eval_guidance: float = 5.0
+
+
+STAGE_DEFAULTS = {
+    "vae": dict(steps=1500, batch=32, lr=5e-4, warmup=100),
+    "unet": dict(steps=4000, batch=128, lr=5e-4, warmup=200),
+}
+
+
+def micro_config() -> ModelConfig:
+    """The smallest sensible model, for tests and smoke runs (a few seconds per step → ms)."""
+    return ModelConfig(
+        CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        UNetConfig(block_out_channels=(16, 32), attention_levels=(False, True), layers_per_block=1, num_heads=2,
+                   cross_attention_dim=32, norm_num_groups=8, sample_size=8),
+        VAEConfig(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64))
+
+
+def resolve_config(name: str) -> ModelConfig:
+    """"tiny", "micro", or a path to a JSON file holding ModelConfig.to_dict()."""
+    if name == "tiny":
+        return ModelConfig.tiny()
+    if name == "micro":
+        return micro_config()
+    path = Path(name)
+    if not path.exists():
+        raise ValueError(f"config {name!r}: expected 'tiny', 'micro' or a JSON file of ModelConfig.to_dict()")
+    return ModelConfig.from_dict(json.loads(path.read_text()))
+
+
+# --------------------------------------------------------------------------------- processes
+
+@dataclass
+class Dist:
+    """Where this process runs: rank r of `world` processes, on `device`."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def mean(self, value: float) -> float:
+        """The mean of a number over all processes."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.item() / self.world
+
+
+def init_distributed(device: str | None = None) -> Dist:
+    """One process (default), or one of WORLD_SIZE processes started by torchrun: then the
+    process group is initialised with nccl on GPUs, gloo on CPUs, one GPU per local rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if world == 1:
+        return Dist(0, 1, dev)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, dev)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator for training step `step`: same numbers in every process and on resume."""
+    return torch.Generator().manual_seed((seed % 2**31) * 2**32 + step)
+
+
+# --------------------------------------------------------------------------------- EMA, checkpoints
+
+class EMA:
+    """θ_ema ← d·θ_ema + (1 − d)·θ, with d = min(decay, (1 + k) / (10 + k)) at step k so the
+    average does not drag the random initial weights along for thousands of steps."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.weights = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in module.state_dict().items():
+            self.weights[k].lerp_(v.detach().float(), 1 - d)
+
+    def copy_to(self, module: nn.Module) -> nn.Module:
+        module.load_state_dict(self.weights)
+        return module
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically (a crash mid-write never leaves a broken checkpoint)."""
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _log(out: Path, record: dict[str, Any]) -> None:
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_log(out: str | Path) -> list[dict[str, Any]]:
+    """The run's log.jsonl as a list of dicts (losses per log step, evaluations)."""
+    path = Path(out) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# --------------------------------------------------------------------------------- the loop
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _fit(stage: str, model: nn.Module, loss_fn: Callable, s: Settings, dist: Dist, out: Path,
+         config: ModelConfig, resume: bool, evaluate: Callable | None = None) -> dict[str, Any]:
+    """The loop both stages share. `loss_fn(net, step) → (loss, {name: value})` where `net` is
+    the (possibly DDP-wrapped) model; `evaluate(ema_model, step)` runs on the main process."""
+    from tqdm.auto import tqdm
+
+    path = out / f"{stage}.pt"
+    opt = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.lr, betas=(0.9, 0.999))
+    ema = EMA(model, s.ema_decay)
+    start = 0
+    if resume:
+        ckpt = load_checkpoint(path)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        ema.weights = {k: v.float() for k, v in ckpt["ema"].items()}
+        start = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    net = model
+    if dist.world > 1:
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def checkpoint(step: int) -> None:
+        if dist.main:
+            save_checkpoint(path, {"stage": stage, "step": step, "model": model.state_dict(), "ema": ema.weights,
+                                   "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                                   "settings": dataclasses.asdict(s), "config": config.to_dict()})
+        dist.barrier()
+
+    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc=stage, disable=not dist.main,
+               dynamic_ncols=True)
+    tick, last = time.perf_counter(), start
+    model.train()
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = s.lr * min(1.0, (step + 1) / max(s.warmup, 1))
+        loss, parts = loss_fn(net, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        opt.step()
+        ema.update(model, step)
+        done = step + 1
+        if done % s.log_every == 0 or done == s.steps:
+            now = time.perf_counter()
+            record = {"stage": stage, "step": done, "loss": dist.mean(loss.item()),
+                      **{k: dist.mean(v) for k, v in parts.items()}, "grad_norm": float(grad_norm),
+                      "lr": opt.param_groups[0]["lr"], "sec_per_step": (now - tick) / (done - last)}
+            tick, last = now, done
+            if dist.main:
+                _log(out, record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if done % s.checkpoint_every == 0 or done == s.steps:
+            checkpoint(done)
+        if evaluate is not None and ((s.eval_every and done % s.eval_every == 0) or done == s.steps):
+            if dist.main:
+                evaluate(ema.copy_to(copy.deepcopy(model)).eval(), done)
+            dist.barrier()
+    bar.close()
+    if start >= s.steps and dist.main:
+        print(f"{stage}: {path} is already at step {start} ≥ --steps {s.steps}; nothing to do", file=sys.stderr)
+    return {"model": model, "ema": ema, "step": max(start, s.steps)}
+
+
+def _prepare(stage: str, out: Path, settings: dict[str, Any], resume: bool) -> Settings:
+    """Settings = stage defaults, overridden by a resumed checkpoint's, overridden by `settings`."""
+    path = out / f"{stage}.pt"
+    if path.exists() and not resume:
+        raise FileExistsError(f"{path} exists: pass --resume to continue that run (to a larger --steps), "
+                              f"or choose another --out")
+    if resume and not path.exists():
+        raise FileNotFoundError(f"--resume: {path} does not exist; run without --resume to start the stage")
+    saved = load_checkpoint(path)["settings"] if resume else {}
+    return Settings(**{**STAGE_DEFAULTS[stage], **saved, **settings})
+
+
+def _dataset(s: Settings, dist: Dist, cache_dir: str | Path | None) -> shapes.ShapeDataset:
+    """The training pictures; the main process draws (and caches) them first."""
+    if dist.main:
+        data = shapes.make_dataset(s.images, s.seed, two_shapes=s.two_shapes, cache_dir=cache_dir)
+    dist.barrier()
+    if not dist.main:
+        data = shapes.make_dataset(s.images, s.seed, two_shapes=s.two_shapes, cache_dir=cache_dir)
+    return data
+
+
+def _to_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) → float in [-1, 1]."""
+    return images_uint8.float() / 127.5 - 1.0
+
+
+# --------------------------------------------------------------------------------- stage 1: VAE
+
+class Reconstruction(nn.Module):
+    """x → (x̂, KL per image) with z = μ + σ·ε for a given ε: the VAE's training forward pass.
+    (B, 3, H, W), (B, 4, h, w) → (B, 3, H, W), (B,)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x)
+        z = posterior.mean + posterior.std * eps
+        return self.vae.decode(z), posterior.kl()
+
+
+def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+
+
+def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, kl: torch.Tensor, latent_numel: int,
+             s: Settings) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 + λ₂·L2 + λ_edge·|∇x − ∇x̂|₁ + λ_KL·KL/dim z, every term a mean per element."""
+    l1 = (x_hat - x).abs().mean()
+    l2 = (x_hat - x).square().mean()
+    edge = sum((a - b).abs().mean() for a, b in zip(_edges(x_hat), _edges(x)))
+    kl = kl.mean() / latent_numel
+    loss = l1 + s.l2_weight * l2 + s.edge_weight * edge + s.kl_weight * kl
+    return loss, {"l1": l1.item(), "l2": l2.item(), "edge": edge.item(), "kl": kl.item()}
+
+
+def train_vae(out: str | Path, *, config: ModelConfig | str = "tiny", resume: bool = False,
+              device: str | None = None, data_cache: str | Path | None = ".cache/shapes",
+              **settings) -> dict[str, Any]:
+    """Stage 1. Trains (or resumes) the VAE in `out`, then encodes the dataset with the EMA
+    weights, measures scaling_factor = 1/std(z) and writes config.json and latents.pt.
+    Returns the measurements ({"l1", "latent_mean", "latent_std", "scaling_factor", …})."""
+    from .vae import AutoencoderKL
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dist = init_distributed(device)
+    s = _prepare("vae", out, settings, resume)
+    if resume:
+        config = ModelConfig.from_dict(load_checkpoint(out / "vae.pt")["config"])
+    elif isinstance(config, str):
+        config = resolve_config(config)
+    if s.batch % dist.world:
+        raise ValueError(f"--batch {s.batch} is not divisible by the {dist.world} processes")
+    data = _dataset(s, dist, data_cache)
+    torch.manual_seed(s.seed)
+    vae = AutoencoderKL(config.vae).to(dist.device)
+    f = config.vae.downsample_factor
+    latent_shape = (config.vae.latent_channels, data.images.shape[2] // f, data.images.shape[3] // f)
+    images = data.images.to(dist.device)
+    local = s.batch // dist.world
+    part = slice(dist.rank * local, (dist.rank + 1) * local)
+
+    def loss_fn(net, step):
+        g = step_generator(s.seed, step)
+        idx = torch.randint(len(images), (s.batch,), generator=g)[part].to(dist.device)
+        eps = torch.randn((s.batch, *latent_shape), generator=g)[part].to(dist.device)
+        x = _to_pixels(images[idx])
+        x_hat, kl = net(x, eps)
+        return vae_loss(x_hat, x, kl, math.prod(latent_shape), s)
+
+    model = Reconstruction(vae)
+    fit = _fit("vae", model, loss_fn, s, dist, out, config, resume)
+    result = {}
+    if dist.main:
+        ema_vae = fit["ema"].copy_to(copy.deepcopy(model)).vae.eval()
+        result = measure_vae(ema_vae, data.images, s, dist.device)
+        config = config.replace(vae=config.vae.replace(scaling_factor=result["scaling_factor"]))
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        torch.save({"vae_step": fit["step"], "mean": result.pop("_mean"), "std": result.pop("_std")},
+                   out / "latents.pt")
+        _log(out, {"stage": "vae", "step": fit["step"], "measure": result})
+    dist.barrier()
+    return result
+
+
+@torch.no_grad()
+def encode_dataset(vae: nn.Module, images: torch.Tensor, device: torch.device,
+                   batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 3, H, W) → the posterior's μ and σ, each (N, 4, h, w) float32 on the CPU."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        post = vae.encode(_to_pixels(images[i:i + batch].to(device)))
+        means.append(post.mean.float().cpu())
+        stds.append(post.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def measure_vae(vae: nn.Module, images: torch.Tensor, s: Settings, device: torch.device) -> dict[str, Any]:
+    """Encode every training image; the latent scale is 1/std of z = μ + σ·ε over all of them.
+    Reconstruction error (from μ) is measured on up to 512 fresh pictures the VAE never saw."""
+    mean, std = encode_dataset(vae, images, device)
+    g = torch.Generator().manual_seed(s.seed)
+    z = mean + std * torch.randn(mean.shape, generator=g)
+    held_out = shapes.make_dataset(min(512, s.images), s.seed + 1, two_shapes=s.two_shapes).images
+    x = _to_pixels(held_out.to(device))
+    x_hat = torch.cat([vae.decode(vae.encode(x[i:i + 128]).mean) for i in range(0, len(x), 128)])
+    return {"l1": (x_hat - x).abs().mean().item(), "latent_mean": z.mean().item(), "latent_std": z.std().item(),
+            "posterior_std": std.mean().item(), "scaling_factor": 1.0 / z.std().item(), "_mean": mean, "_std": std}
+
+
+# --------------------------------------------------------------------------------- stage 2: UNet
+
+class TextToNoise(nn.Module):
+    """The pair stage 2 trains: ε_θ(z_t, t, CLIP(ids)). (B, 4, h, w), (B,), (B, 77) → (B, 4, h, w)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        from .clip import CLIPTextModel
+        from .unet import UNet
+
+        if config.text_encoder.hidden_size != config.unet.cross_attention_dim:
+            raise ValueError(f"the text encoder's width ({config.text_encoder.hidden_size}) must equal the UNet's "
+                             f"cross_attention_dim ({config.unet.cross_attention_dim})")
+        self.text_encoder = CLIPTextModel(config.text_encoder)
+        self.unet = UNet(config.unet)
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.unet(z_t, t, self.text_encoder(ids))
+
+
+def caption_ids(data: shapes.ShapeDataset, s: Settings) -> torch.Tensor:
+    """Token ids (N, K, 77) of K captions per picture: the dataset's own, then K−1 re-wordings
+    drawn from `default_rng([seed, i, k])`, so the model sees each picture described several ways."""
+    import numpy as np
+
+    from .tokenizer import default_tokenizer
+
+    texts = []
+    for i, (text, attrs) in enumerate(zip(data.captions, data.attributes)):
+        texts.append(text)
+        texts += [shapes.caption(attrs["shapes"], np.random.default_rng([s.seed, i, k]))
+                  for k in range(1, s.captions_per_image)]
+    return default_tokenizer()(texts).view(len(data.captions), s.captions_per_image, -1)
+
+
+def train_unet(out: str | Path, *, config: ModelConfig | str | None = None, resume: bool = False,
+               device: str | None = None, data_cache: str | Path | None = ".cache/shapes",
+               **settings) -> dict[str, Any]:
+    """Stage 2. Needs stage 1's config.json and latents.pt in `out`. `config` may replace the
+    text encoder and UNet sizes (the VAE and its measured scale stay those of the run).
+    Returns the last evaluation's scores."""
+    from .schedule import NoiseSchedule
+    from .tokenizer import default_tokenizer
+
+    out = Path(out)
+    if not (out / "config.json").exists() or not (out / "latents.pt").exists():
+        raise FileNotFoundError(f"{out} has no config.json / latents.pt: run `sdlearn train vae --out {out}` first")
+    dist = init_distributed(device)
+    s = _prepare("unet", out, settings, resume)
+    run_config = ModelConfig.from_dict(json.loads((out / "config.json").read_text()))
+    if resume:
+        run_config = ModelConfig.from_dict(load_checkpoint(out / "unet.pt")["config"])
+    elif config is not None:
+        other = resolve_config(config) if isinstance(config, str) else config
+        run_config = run_config.replace(text_encoder=other.text_encoder, unet=other.unet)
+    if s.batch % dist.world:
+        raise ValueError(f"--batch {s.batch} is not divisible by the {dist.world} processes")
+    data = _dataset(s, dist, data_cache)
+    latents = torch.load(out / "latents.pt")
+    if len(latents["mean"]) != len(data.images):
+        raise ValueError(f"latents.pt holds {len(latents['mean'])} pictures but --images is {len(data.images)}; "
+                         "use the VAE stage's --images and --seed")
+    mean, std = latents["mean"].to(dist.device), latents["std"].to(dist.device)
+    ids = caption_ids(data, s).to(dist.device)
+    empty = default_tokenizer()([""]).to(dist.device)
+    scale = run_config.vae.scaling_factor
+    schedule = NoiseSchedule.scaled_linear()
+    torch.manual_seed(s.seed)
+    model = TextToNoise(run_config).to(dist.device)
+    local = s.batch // dist.world
+    part = slice(dist.rank * local, (dist.rank + 1) * local)
+
+    def loss_fn(net, step):
+        g = step_generator(s.seed, step)
+        draw = lambda make: make()[part].to(dist.device)
+        idx = draw(lambda: torch.randint(len(mean), (s.batch,), generator=g))
+        which = draw(lambda: torch.randint(s.captions_per_image, (s.batch,), generator=g))
+        drop = draw(lambda: torch.rand(s.batch, generator=g) < s.caption_dropout)
+        t = torch.randint(schedule.num_train_timesteps, (s.batch,), generator=g)[part]
+        eps_z = draw(lambda: torch.randn((s.batch, *mean.shape[1:]), generator=g))
+        noise = draw(lambda: torch.randn((s.batch, *mean.shape[1:]), generator=g))
+        z0 = scale * (mean[idx] + std[idx] * eps_z)
+        z_t = schedule.q_sample(z0, t, noise)
+        cond = torch.where(drop[:, None], empty, ids[idx, which])
+        loss = F.mse_loss(net(z_t, t.to(dist.device), cond), noise)
+        return loss, {}
+
+    scores: dict[str, Any] = {}
+
+    def evaluate(ema_model: TextToNoise, step: int) -> None:
+        vae = _load_ema_vae(out, run_config, dist.device)
+        result = evaluate_alignment(ema_model.text_encoder, ema_model.unet, vae, steps=s.eval_steps,
+                                    guidance=(s.eval_guidance, 1.0), device=dist.device, grid=out / f"samples-{step}.png")
+        scores.clear()
+        scores.update(result)
+        _log(out, {"stage": "unet", "step": step, "eval": result})
+        print(f"step {step}: " + "; ".join(f"guidance {g}: " + ", ".join(f"{k} {v:.0%}" for k, v in r.items())
+                                          for g, r in result.items()), file=sys.stderr)
+
+    _fit("unet", model, loss_fn, s, dist, out, run_config, resume, evaluate if s.eval_steps > 0 else None)
+    return scores
+
+
+def _load_ema_vae(out: Path, config: ModelConfig, device: torch.device) -> nn.Module:
+    from .vae import AutoencoderKL
+
+    model = Reconstruction(AutoencoderKL(config.vae))
+    model.load_state_dict(load_checkpoint(out / "vae.pt")["ema"])
+    return model.vae.to(device).eval()
+
+
+# --------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def generate(text_encoder: nn.Module, unet: nn.Module, vae: nn.Module, prompts: list[str], *,
+             guidance: float = 5.0, steps: int = 20, sampler: str = "ddim", seed: int = 0,
+             batch: int = 64, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Prompts → uint8 images (N, 3, H, W), classifier-free guidance with the empty prompt:
+
+        ε̂ = ε_θ(z_t, t, "") + g · (ε_θ(z_t, t, c) − ε_θ(z_t, t, ""))
+
+    Prompt i starts from `randn(generator=manual_seed(seed + i))`, so an image does not depend
+    on which other prompts share its batch. The pipeline does the same for users; this copy
+    serves training, which must not depend on a loaded checkpoint.
+    """
+    from .samplers import get_sampler, sample_loop
+    from .tokenizer import default_tokenizer
+
+    tok = default_tokenizer()
+    cfg = unet.config
+    f = vae.config.downsample_factor
+    empty = text_encoder(tok([""]).to(device))
+    images = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        context = torch.cat([empty.expand(len(chunk), -1, -1), text_encoder(tok(chunk).to(device))])
+        noise = torch.cat([torch.randn((1, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                                       generator=torch.Generator().manual_seed(seed + start + i)) for i in range(len(chunk))])
+
+        def eps(x, t):
+            e_uncond, e_cond = unet(torch.cat([x, x]), t, context).chunk(2)
+            return e_uncond + guidance * (e_cond - e_uncond)
+
+        z = sample_loop(get_sampler(sampler), eps, noise.to(device), steps)
+        x = vae.decode(z / vae.scaling_factor)
+        images.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+        assert images[-1].shape[-1] == f * cfg.sample_size
+    return torch.cat(images)
+
+
+def evaluate_alignment(text_encoder: nn.Module, unet: nn.Module, vae: nn.Module, *,
+                       guidance: tuple[float, ...] = (5.0, 1.0), steps: int = 20, seed: int = 0,
+                       device: torch.device | str = "cpu", grid: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """Generate the 108 grammar prompts at each guidance scale and score them with the analyser.
+    Returns {guidance: {"colour", "shape", "position", "found"}}; saves the first scale's images
+    as a grid with captions when `grid` is a path."""
+    prompts = shapes.grammar_prompts()
+    result = {}
+    for i, g in enumerate(guidance):
+        images = generate(text_encoder, unet, vae, [p["prompt"] for p in prompts], guidance=g, steps=steps,
+                          seed=seed, device=device)
+        result[str(g)] = shapes.score_alignment(list(images), prompts)
+        if grid is not None and i == 0:
+            import matplotlib.pyplot as plt
+
+            from .viz import image_grid
+
+            fig = image_grid(list(images), [p["prompt"] for p in prompts], ncols=12, size=1.1, fontsize=5)
+            fig.savefig(grid, dpi=80)
+            plt.close(fig)
+    return result
+
+
+# --------------------------------------------------------------------------------- export
+
+def export(run: str | Path, path: str | Path, *, dtype: torch.dtype | None = None,
+           max_bytes: int = MAX_EXPORT_BYTES, overwrite: bool = False) -> Path:
+    """The run's EMA weights → one safetensors file in the original CompVis single-file layout
+    (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.text_model.*`)
+    with the ModelConfig in its metadata ("sdlearn_config"). dtype None: float32 if the file
+    stays within `max_bytes`, else float16."""
+    from .weights import save_original_checkpoint
+
+    run, path = Path(run), Path(path)
+    config = ModelConfig.from_dict(json.loads((run / "config.json").read_text()))
+    unet_ckpt = load_checkpoint(run / "unet.pt")
+    config = ModelConfig.from_dict({**unet_ckpt["config"], "vae": config.vae.to_dict()})
+    pair = TextToNoise(config)
+    pair.load_state_dict(unet_ckpt["ema"])
+    models = {"text_encoder": pair.text_encoder, "unet": pair.unet, "vae": _load_ema_vae(run, config, torch.device("cpu"))}
+    if dtype is None:
+        n = sum(p.numel() for m in models.values() for p in m.parameters())
+        dtype = torch.float32 if 4 * n <= max_bytes else torch.float16
+    if overwrite and path.exists():
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vae_step = load_checkpoint(run / "vae.pt")["step"]
+    training = {"vae_steps": vae_step, "unet_steps": unet_ckpt["step"], "settings": unet_ckpt["settings"]}
+    save_original_checkpoint(path, models, config, dtype=dtype, extra_metadata={"sdlearn_training": json.dumps(training)})
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{path} is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit; "
+                         "shrink the text encoder's width (its 49408-row token embedding dominates)")
+    return path
+
+
+# --------------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdlearn train", description="train the tiny model (see sdlearn/train.py)")
+    sub = p.add_subparsers(dest="stage", required=True)
+    defaults = Settings()
+    for stage in ("vae", "unet"):
+        q = sub.add_parser(stage, help={"vae": "stage 1: the autoencoder, then the latent scale",
+                                        "unet": "stage 2: UNet + text encoder (needs stage 1)"}[stage])
+        q.add_argument("--out", required=True, help="run folder (checkpoints, config.json, log.jsonl)")
+        q.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint up to --steps")
+        q.add_argument("--config", default=None,
+                       help="'tiny' (default for vae), 'micro', or a ModelConfig JSON file")
+        q.add_argument("--device", default=None, help="cpu, cuda, mps (default: $SDLEARN_DEVICE or the best one)")
+        q.add_argument("--data-cache", default=".cache/shapes", help="where the dataset .npz is cached ('' = nowhere)")
+        for f in dataclasses.fields(Settings):
+            if stage == "vae" and f.name in ("caption_dropout", "captions_per_image", "eval_every", "eval_steps",
+                                             "eval_guidance"):
+                continue
+            if stage == "unet" and f.name in ("kl_weight", "l2_weight", "edge_weight"):
+                continue
+            default = STAGE_DEFAULTS[stage].get(f.name, getattr(defaults, f.name))
+            q.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=None,
+                           help=f"default {default}")
+    q = sub.add_parser("export", help="EMA weights → one original-layout .safetensors file")
+    q.add_argument("run")
+    q.add_argument("path")
+    q.add_argument("--dtype", choices=("float32", "float16"), default=None,
+                   help="default: float32 if it fits in 25 MB, else float16")
+    q.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`sdlearn train {vae,unet,export} …`; also `python -m sdlearn.train …` (and under torchrun)."""
+    args = build_parser().parse_args(argv)
+    if args.stage == "export":
+        path = export(args.run, args.path, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                      overwrite=args.overwrite)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        return 0
+    names = {f.name for f in dataclasses.fields(Settings)}
+    settings = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    common = dict(resume=args.resume, device=args.device, data_cache=args.data_cache or None)
+    if args.stage == "vae":
+        result = train_vae(args.out, config=args.config or "tiny", **common, **settings)
+    else:
+        result = train_unet(args.out, config=args.config, **common, **settings)
+    if result and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, indent=1))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

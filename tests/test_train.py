@@ -1,0 +1,151 @@
+"""Training at micro scale: the stages run, resume exactly, match across processes, export."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdlearn import shapes, train
+from sdlearn.configs import ModelConfig
+from sdlearn.weights import SafetensorsFile, read_safetensors_header
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = dict(images=32, two_shapes=0.1, seed=3)
+UNET = dict(batch=4, lr=1e-3, warmup=1, log_every=1, checkpoint_every=1, eval_steps=0, captions_per_image=2, **DATA)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A micro run: 3 VAE steps, then 3 UNet steps."""
+    out = tmp_path_factory.mktemp("run")
+    train.train_vae(out, config="micro", steps=3, batch=4, warmup=1, log_every=1, data_cache=None, **DATA)
+    train.train_unet(out, steps=3, data_cache=None, **UNET)
+    return out
+
+
+def _copy_vae_stage(run: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for name in ("config.json", "latents.pt", "vae.pt"):
+        shutil.copy(run / name, dst / name)
+    return dst
+
+
+def test_vae_stage_stores_the_measured_latent_scale(run):
+    config = ModelConfig.from_dict(json.loads((run / "config.json").read_text()))
+    latents = torch.load(run / "latents.pt")
+    vae = train._load_ema_vae(run, config, torch.device("cpu"))
+    images = shapes.make_dataset(DATA["images"], DATA["seed"], two_shapes=DATA["two_shapes"]).images
+    mean, std = train.encode_dataset(vae, images, torch.device("cpu"))
+    torch.testing.assert_close(latents["mean"], mean)           # the EMA VAE's encoding of the dataset
+    z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(123))
+    assert config.vae.scaling_factor == pytest.approx(1 / z.std().item(), rel=0.03)
+    assert config.vae.scaling_factor != ModelConfig.tiny().vae.scaling_factor
+
+
+def test_log_records_every_step_of_both_stages(run):
+    log = train.read_log(run)
+    losses = [(r["stage"], r["step"]) for r in log if "loss" in r]
+    assert losses == [("vae", 1), ("vae", 2), ("vae", 3), ("unet", 1), ("unet", 2), ("unet", 3)]
+    assert all(r["loss"] > 0 and r["sec_per_step"] > 0 for r in log if "loss" in r)
+    measure = next(r["measure"] for r in log if "measure" in r)
+    assert 0 < measure["l1"] < 2 and measure["scaling_factor"] > 0
+
+
+def test_an_existing_stage_is_only_continued_with_resume(run):
+    with pytest.raises(FileExistsError, match="--resume"):
+        train.train_unet(run, steps=4, data_cache=None, **UNET)
+
+
+def test_resumed_run_equals_an_uninterrupted_one(run, tmp_path):
+    straight = _copy_vae_stage(run, tmp_path / "straight")
+    train.train_unet(straight, steps=4, data_cache=None, **UNET)
+    halves = _copy_vae_stage(run, tmp_path / "halves")
+    train.train_unet(halves, steps=2, data_cache=None, **UNET)
+    train.train_unet(halves, steps=4, resume=True, data_cache=None)   # settings come from the checkpoint
+    a, b = train.load_checkpoint(straight / "unet.pt"), train.load_checkpoint(halves / "unet.pt")
+    assert a["step"] == b["step"] == 4
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    first = train.load_checkpoint(run / "unet.pt")["model"]
+    assert not all(torch.equal(first[k], a["model"][k]) for k in first)   # training did change the weights
+
+
+def test_two_processes_compute_what_one_process_computes(run, tmp_path):
+    one = _copy_vae_stage(run, tmp_path / "one")
+    train.train_unet(one, steps=2, data_cache=None, **UNET)
+    two = _copy_vae_stage(run, tmp_path / "two")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in UNET.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "sdlearn.train", "unet", "--out", str(two), "--steps=2", "--data-cache=", "--device=cpu", *flags]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = train.load_checkpoint(one / "unet.pt")["model"], train.load_checkpoint(two / "unet.pt")["model"]
+    losses = lambda out: [r["loss"] for r in train.read_log(out) if r.get("stage") == "unet"]
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    # Adam's first steps move every weight by about ±lr whatever its gradient's size, so a
+    # gradient that is ~0 may flip sign under a different summation order: compare overall.
+    flat = lambda sd: torch.cat([v.flatten() for v in sd.values()])
+    init = _initial_weights(run)
+    moved_one, moved_two = flat(a) - init, flat(b) - init
+    assert (moved_two - moved_one).norm() < 1e-3 * moved_one.norm()
+
+
+def _initial_weights(run: Path) -> torch.Tensor:
+    config = ModelConfig.from_dict(json.loads((run / "config.json").read_text()))
+    torch.manual_seed(UNET["seed"])
+    return torch.cat([v.flatten() for v in train.TextToNoise(config).state_dict().values()])
+
+
+def test_export_writes_the_ema_weights_in_the_original_layout(run, tmp_path):
+    path = train.export(run, tmp_path / "micro.safetensors")
+    f = SafetensorsFile(path)
+    prefixes = {k.split(".")[0] for k in f.keys()}
+    assert prefixes == {"model", "first_stage_model", "cond_stage_model"}
+    assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in f.keys())
+    assert any(k.startswith("model.diffusion_model.input_blocks.") for k in f.keys())
+    config = json.loads(f.metadata["sdlearn_config"])
+    assert config == json.loads((run / "config.json").read_text())
+    assert f["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4          # 1×1 conv, as CompVis stores it
+
+    import sdlearn
+    pipe = sdlearn.load_pipeline(path, device="cpu", dtype=torch.float32)
+    ema = train.load_checkpoint(run / "unet.pt")["ema"]
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, ema["unet." + k]), k
+    for k, v in pipe.text_encoder.state_dict().items():
+        assert torch.equal(v, ema["text_encoder." + k]), k
+    vae_ema = train.load_checkpoint(run / "vae.pt")["ema"]
+    for k, v in pipe.vae.state_dict().items():
+        assert torch.equal(v, vae_ema["vae." + k]), k
+
+
+def test_export_falls_back_to_float16_and_refuses_what_does_not_fit(run, tmp_path):
+    fp32 = train.export(run, tmp_path / "a.safetensors").stat().st_size
+    half = train.export(run, tmp_path / "b.safetensors", max_bytes=int(fp32 * 0.6))
+    assert {t.dtype for t in read_safetensors_header(half).tensors.values()} == {"F16"}
+    assert {t.dtype for t in read_safetensors_header(tmp_path / "a.safetensors").tensors.values()} == {"F32"}
+    with pytest.raises(ValueError, match="over the"):
+        train.export(run, tmp_path / "c.safetensors", max_bytes=int(fp32 * 0.3))
+
+
+def test_generated_image_does_not_depend_on_its_batch(run):
+    config = ModelConfig.from_dict(json.loads((run / "config.json").read_text()))
+    pair = train.TextToNoise(config)
+    pair.load_state_dict(train.load_checkpoint(run / "unet.pt")["ema"])
+    vae = train._load_ema_vae(run, config, torch.device("cpu"))
+    both = train.generate(pair.text_encoder, pair.unet, vae, ["a red circle", "a blue square"], steps=2, seed=5)
+    alone = train.generate(pair.text_encoder, pair.unet, vae, ["a blue square"], steps=2, seed=6)
+    assert both.shape == (2, 3, 64, 64) and both.dtype == torch.uint8
+    assert (both[1].int() - alone[0].int()).abs().max() <= 1
+    assert not torch.equal(both[0], both[1])
+
+
+def test_cli_exports(run, tmp_path):   # (the stages' CLI runs in the two-process test)
+    assert train.main(["export", str(run), str(tmp_path / "m.safetensors"), "--dtype=float16"]) == 0
+    assert {t.dtype for t in read_safetensors_header(tmp_path / "m.safetensors").tensors.values()} == {"F16"}
