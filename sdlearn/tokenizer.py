@@ -148,8 +148,19 @@ class CLIPTokenizer:
         return cls(vocab, merges, pad_token)
 
     @classmethod
+    def from_tokenizer_json(cls, path: str | Path, pad_token: str = EOS) -> "CLIPTokenizer":
+        """From a Hugging Face "fast" `tokenizer.json` (what transformers 5 saves): the same
+        vocabulary and merges, stored as model.vocab and model.merges ("a b" or ["a", "b"])."""
+        model = json.loads(Path(path).read_text(encoding="utf-8")).get("model", {})
+        if model.get("type") not in (None, "BPE") or "vocab" not in model or "merges" not in model:
+            raise ValueError(f"{path}: expected a BPE tokenizer.json with model.vocab and model.merges")
+        merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model["merges"]]
+        return cls(model["vocab"], merges, pad_token)
+
+    @classmethod
     def from_folder(cls, folder: str | Path) -> "CLIPTokenizer":
-        """From a diffusers folder (its `tokenizer/`) or a folder holding vocab.json and merges.txt.
+        """From a diffusers folder (its `tokenizer/`) or a folder holding vocab.json and merges.txt
+        (transformers 4 and the SD v1.5 repos) or tokenizer.json (transformers 5).
 
         The padding token comes from `tokenizer_config.json` when there is one (SD v1.x:
         <|endoftext|>), else it is the end token.
@@ -157,16 +168,18 @@ class CLIPTokenizer:
         folder = Path(folder)
         if (folder / "tokenizer").is_dir():
             folder = folder / "tokenizer"
-        vocab, merges = folder / "vocab.json", folder / "merges.txt"
-        if not (vocab.is_file() and merges.is_file()):
-            raise FileNotFoundError(f"{folder} has no vocab.json and merges.txt; expected a diffusers "
-                                    "folder with tokenizer/vocab.json and tokenizer/merges.txt")
+        vocab, merges, fast = folder / "vocab.json", folder / "merges.txt", folder / "tokenizer.json"
         pad = EOS
         config = folder / "tokenizer_config.json"
         if config.is_file():
             pad = json.loads(config.read_text(encoding="utf-8")).get("pad_token") or EOS
             pad = pad["content"] if isinstance(pad, dict) else pad
-        return cls.from_files(vocab, merges, pad)
+        if vocab.is_file() and merges.is_file():
+            return cls.from_files(vocab, merges, pad)
+        if fast.is_file():
+            return cls.from_tokenizer_json(fast, pad)
+        raise FileNotFoundError(f"{folder} has neither vocab.json + merges.txt nor tokenizer.json; expected "
+                                "a diffusers folder with a tokenizer/ subfolder")
 
     # -- the algorithm --------------------------------------------------------------------------
 

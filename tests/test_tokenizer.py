@@ -274,3 +274,16 @@ def test_wrong_input_types_raise_type_error_saying_what_was_expected(tok):
     with pytest.raises(TypeError, match="string"):
         tok.encode(["a list"])
     assert tok([]).shape == (0, 77)
+
+
+def test_tokenizer_json_of_transformers_5_gives_the_same_ids(tmp_path):
+    """transformers 5 saves only tokenizer.json; a folder holding it loads to the same tokenizer."""
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    from checkpoints import write_tokenizer_files
+    vocab, merges = write_tokenizer_files(tmp_path / "slow")
+    HFTokenizer(str(vocab), str(merges)).save_pretrained(tmp_path / "fast")
+    assert not (tmp_path / "fast" / "merges.txt").exists()
+    ours = CLIPTokenizer.from_folder(tmp_path / "fast")
+    text = ["a photograph of an astronaut riding a horse", "cat, dog's 3.14 — Ünïcode 🐈"]
+    assert torch.equal(ours(text), CLIPTokenizer.bundled()(text))

@@ -1,0 +1,132 @@
+"""load_pipeline: both layouts give the same model, casting as read, no second copy, sources."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+import sdlearn
+from checkpoints import diffusers_from_original, original_file
+from reference import cache_dir
+from sdlearn import pipeline as P
+from sdlearn.configs import ModelConfig
+from sdlearn.weights import COMPONENTS, CheckpointError
+
+TINY = ModelConfig.tiny()
+
+
+def _same_weights(a, b) -> bool:
+    return all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+@pytest.fixture(scope="module")
+def converted_folder():
+    """The original file's weights, converted by diffusers and saved as a diffusers folder."""
+    folder = cache_dir("checkpoints", "converted-tiny")
+    if not (folder / "model_index.json").exists():
+        diffusers_from_original(TINY).save_pretrained(folder)
+    return folder
+
+
+def test_both_layouts_load_to_identical_models(converted_folder):
+    a = sdlearn.load_pipeline(str(original_file(TINY)), device="cpu")
+    b = sdlearn.load_pipeline(str(converted_folder), device="cpu")
+    assert a.config == b.config == TINY
+    for comp in COMPONENTS:
+        assert _same_weights(getattr(a, comp), getattr(b, comp)), comp
+    ids = a.tokenizer("a red circle on the left")
+    assert torch.equal(ids, b.tokenizer("a red circle on the left"))
+    assert torch.equal(a.text_encoder(ids), b.text_encoder(ids))
+
+
+def test_float16_file_is_cast_as_it_is_read():
+    full = sdlearn.load_pipeline(str(original_file(TINY)), device="cpu")
+    half = sdlearn.load_pipeline(str(original_file(TINY, dtype=torch.float16)), device="cpu")
+    assert half.dtype == torch.float32
+    for comp in COMPONENTS:
+        for k, v in getattr(half, comp).state_dict().items():
+            assert v.dtype == torch.float32
+            assert torch.equal(v, getattr(full, comp).state_dict()[k].half().float()), k
+    as_half = sdlearn.load_pipeline(str(original_file(TINY)), device="cpu", dtype=torch.float16)
+    assert all(p.dtype == torch.float16 for p in as_half.unet.parameters())
+
+
+def _rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status on this OS")
+
+
+def test_loading_in_the_stored_dtype_copies_nothing():
+    path = original_file(TINY)
+    sdlearn.load_pipeline(str(path), device="cpu")          # imports and caches warmed up
+    size_mb = path.stat().st_size / 2**20
+    before = _rss_mb()
+    pipe = sdlearn.load_pipeline(str(path), device="cpu")
+    grown = _rss_mb() - before
+    # The weights are views of the memory-mapped file: loading reads (almost) none of them.
+    assert grown < 0.25 * size_mb, f"RSS grew {grown:.1f} MB loading a {size_mb:.1f} MB file"
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
+
+
+def test_meta_device_build_has_no_storage():
+    from sdlearn.weights import build_empty
+    unet = build_empty("unet", ModelConfig.sd15())
+    assert all(p.is_meta for p in unet.parameters())
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+
+
+def test_bad_dtype_is_a_clear_error():
+    with pytest.raises(ValueError, match="floating torch.dtype"):
+        sdlearn.load_pipeline(str(original_file(TINY)), device="cpu", dtype=torch.int8)
+
+
+def test_missing_tiny_file_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(P, "TINY_PATH", tmp_path / "tiny.safetensors")
+    with pytest.raises(CheckpointError, match="not in this installation"):
+        sdlearn.load_pipeline("tiny")
+
+
+@pytest.mark.parametrize("source", ["no/such/file.safetensors", "./missing", "nothing-here.ckpt"])
+def test_paths_that_do_not_exist_are_never_treated_as_repo_ids(source):
+    with pytest.raises(CheckpointError, match="no such file"):
+        P.resolve_source(source)
+
+
+# ---- Hugging Face repo ids: cache first, HF_HUB_OFFLINE respected, never fetched otherwise ----
+
+def _fake_hub_cache(root, repo_id: str, folder) -> None:
+    """Lay out `folder` as huggingface_hub's cache would hold a snapshot of `repo_id`."""
+    import shutil
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+
+
+def test_repo_id_loads_from_the_cache_offline(monkeypatch, tmp_path, converted_folder):
+    hub = pytest.importorskip("huggingface_hub")
+    _fake_hub_cache(tmp_path, "someone/tiny-sd", converted_folder)
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = sdlearn.load_pipeline("someone/tiny-sd", device="cpu")
+    ref = sdlearn.load_pipeline(str(converted_folder), device="cpu")
+    assert _same_weights(pipe.unet, ref.unet)
+
+
+def test_repo_id_not_in_cache_while_offline_fails_clearly(monkeypatch, tmp_path):
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
+        sdlearn.load_pipeline("someone/not-cached")
+
+
+def test_repo_id_without_huggingface_hub_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(CheckpointError, match="pip install huggingface_hub"):
+        P.resolve_source("someone/model")
