@@ -146,3 +146,67 @@ def plot_trajectories(paths: dict, density=None, *, ncols: int = 4, size: float 
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+# ---- tokens and text attention (notebook 02) ---------------------------------------------------
+
+def token_labels(tokenizer, ids) -> list[str]:
+    """Short axis labels for token ids: the vocabulary symbol without its word end `</w>`
+    ("red", ","), `<start>` and `<end>` for the specials (every padding end token too).
+    `ids`: a list or a 1-D tensor."""
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    special = {tokenizer.bos_token_id: "<start>", tokenizer.eos_token_id: "<end>"}
+    return [special.get(i) or tokenizer.decode([i]) or tokenizer.decoder[i] for i in ids]
+
+
+def plot_token_heatmaps(matrices, labels: Sequence[str] | None = None, *,
+                        titles: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
+                        ncols: int = 4, size: float = 2.6, cmap: str = "viridis",
+                        vmin: float | None = None, vmax: float | None = None, colorbar: bool = True):
+    """Heatmaps of matrices indexed by tokens (attention maps, masks, similarities), one panel each.
+
+    `matrices`: one (n, m) tensor/array, a (k, n, m) stack or a list of k (n, m). Rows are labelled
+    by `labels` (queries: "who is looking"), columns by `col_labels` (keys; default `labels`).
+    All panels share one colour scale: [vmin, vmax], by default the data's range. Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    mats = [torch.as_tensor(np.asarray(m.detach().float().cpu() if isinstance(m, torch.Tensor) else m))
+            for m in (matrices if isinstance(matrices, (list, tuple)) else
+                      (matrices[None] if np.ndim(matrices) == 2 else matrices))]
+    if not mats or any(m.ndim != 2 or m.shape != mats[0].shape for m in mats):
+        raise ValueError(f"expected one or more matrices of one shape (n, m), found shapes "
+                         f"{[tuple(m.shape) for m in mats]}")
+    n, m = mats[0].shape
+    col_labels = col_labels if col_labels is not None else (labels if n == m else None)
+    for name, given, want in (("labels", labels, n), ("col_labels", col_labels, m)):
+        if given is not None and len(given) != want:
+            raise ValueError(f"{name} has {len(given)} entries but the matrices have {want} "
+                             f"{'rows' if name == 'labels' else 'columns'}; pass one label per token")
+    titles = list(titles) if titles is not None else [""] * len(mats)
+    if len(titles) != len(mats):
+        raise ValueError(f"got {len(mats)} matrices and {len(titles)} titles; pass one title per matrix")
+    lo = min(float(x.min()) for x in mats) if vmin is None else vmin
+    hi = max(float(x.max()) for x in mats) if vmax is None else vmax
+    ncols = max(1, min(ncols, len(mats)))
+    nrows = -(-len(mats) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size + (0.6 if colorbar else 0), nrows * size),
+                             squeeze=False)
+    fontsize = 7 if max(n, m) <= 16 else 5
+    for ax, mat, title in zip(axes.flat, mats, titles):
+        shown = ax.imshow(mat.numpy(), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        for set_ticks, set_labels, names in ((ax.set_yticks, ax.set_yticklabels, labels),
+                                             (ax.set_xticks, ax.set_xticklabels, col_labels)):
+            if names is None or len(names) > 40:
+                set_ticks([])
+            else:
+                set_ticks(range(len(names)))
+                set_labels(names, fontsize=fontsize)
+        ax.tick_params(axis="x", labelrotation=90)
+    for ax in list(axes.flat)[len(mats):]:
+        ax.axis("off")
+    fig.tight_layout()
+    if colorbar:
+        fig.colorbar(shown, ax=list(axes.flat), fraction=0.02, pad=0.02)
+    return fig
