@@ -148,6 +148,42 @@ def plot_trajectories(paths: dict, density=None, *, ncols: int = 4, size: float 
     return fig
 
 
+# ---- latents (notebook 05) -------------------------------------------------------------------
+
+def plot_latent_channels(latents: torch.Tensor, image=None, *, titles: Sequence[str] | None = None,
+                         size: float = 2.0, cmap: str = "RdBu_r"):
+    """One panel per channel of a latent (C, h, w) or (1, C, h, w), all on one colour scale that
+    is symmetric about 0 (with the default map: blue negative, white 0, red positive), with one
+    colour bar. `image` (anything `to_uint8` takes), if given, is shown first for reference.
+    Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    z = latents.detach().float().cpu()
+    if z.ndim == 4 and z.shape[0] == 1:
+        z = z[0]
+    if z.ndim != 3:
+        raise ValueError(f"expected one latent (C, h, w) or (1, C, h, w), found shape {tuple(latents.shape)}")
+    c = z.shape[0]
+    titles = list(titles) if titles is not None else [f"channel {i}" for i in range(c)]
+    if len(titles) != c:
+        raise ValueError(f"got {c} channels and {len(titles)} titles; pass one title per channel")
+    offset = 0 if image is None else 1
+    fig, axes = plt.subplots(1, c + offset, figsize=((c + offset) * size + 0.6, size), squeeze=False)
+    axes = axes[0]
+    if image is not None:
+        axes[0].imshow(to_uint8(image), interpolation="nearest")
+        axes[0].set_title("image", fontsize=9)
+    m = max(z.abs().max().item(), 1e-12)
+    for ax, channel, title in zip(axes[offset:], z, titles):
+        shown = ax.imshow(channel.numpy(), cmap=cmap, vmin=-m, vmax=m, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(shown, ax=list(axes), fraction=0.02, pad=0.02)
+    return fig
+
+
 # ---- tokens and text attention (notebook 02) ---------------------------------------------------
 
 def token_labels(tokenizer, ids) -> list[str]:
