@@ -88,7 +88,7 @@ class Settings:
 
 
 STAGE_DEFAULTS = {
-    "vae": dict(steps=1500, batch=32, lr=5e-4, warmup=100),
+    "vae": dict(steps=1500, batch=32, lr=5e-4, warmup=100, ema_decay=0.995),
     "unet": dict(steps=4000, batch=128, lr=5e-4, warmup=200),
 }
 
@@ -586,11 +586,14 @@ def evaluate_alignment(text_encoder: nn.Module, unet: nn.Module, vae: nn.Module,
 # --------------------------------------------------------------------------------- export
 
 def export(run: str | Path, path: str | Path, *, dtype: torch.dtype | None = None,
-           max_bytes: int = MAX_EXPORT_BYTES, overwrite: bool = False) -> Path:
+           max_bytes: int = MAX_EXPORT_BYTES, overwrite: bool = False,
+           defaults: dict[str, Any] | None = None) -> Path:
     """The run's EMA weights → one safetensors file in the original CompVis single-file layout
     (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.text_model.*`)
-    with the ModelConfig in its metadata ("sdlearn_config"). dtype None: float32 if the file
-    stays within `max_bytes`, else float16."""
+    with, in its metadata, the ModelConfig ("sdlearn_config"), the generation defaults the
+    pipeline reads ("sdlearn_defaults", default DDIM with 20 steps, as evaluated here) and how it
+    was trained ("sdlearn_training"). dtype None: float32 if the file stays within `max_bytes`,
+    else float16."""
     from .weights import save_original_checkpoint
 
     run, path = Path(run), Path(path)
@@ -608,7 +611,9 @@ def export(run: str | Path, path: str | Path, *, dtype: torch.dtype | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     vae_step = load_checkpoint(run / "vae.pt")["step"]
     training = {"vae_steps": vae_step, "unet_steps": unet_ckpt["step"], "settings": unet_ckpt["settings"]}
-    save_original_checkpoint(path, models, config, dtype=dtype, extra_metadata={"sdlearn_training": json.dumps(training)})
+    defaults = {"sampler": "ddim", "steps": 20} if defaults is None else defaults
+    save_original_checkpoint(path, models, config, dtype=dtype, extra_metadata={
+        "sdlearn_training": json.dumps(training), "sdlearn_defaults": json.dumps(defaults)})
     size = path.stat().st_size
     if size > max_bytes:
         raise ValueError(f"{path} is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit; "
@@ -631,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'tiny' (default for vae), 'micro', or a ModelConfig JSON file")
         q.add_argument("--device", default=None, help="cpu, cuda, mps (default: $SDLEARN_DEVICE or the best one)")
         q.add_argument("--data-cache", default=".cache/shapes", help="where the dataset .npz is cached ('' = nowhere)")
+        q.add_argument("--threads", type=int, default=None,
+                       help="CPU threads per process (on a busy machine, 1 thread × N processes is faster)")
         for f in dataclasses.fields(Settings):
             if stage == "vae" and f.name in ("caption_dropout", "captions_per_image", "eval_every", "eval_steps",
                                              "eval_guidance"):
@@ -657,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
                       overwrite=args.overwrite)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = {f.name for f in dataclasses.fields(Settings)}
     settings = {k: v for k, v in vars(args).items() if k in names and v is not None}
     common = dict(resume=args.resume, device=args.device, data_cache=args.data_cache or None)

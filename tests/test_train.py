@@ -111,6 +111,7 @@ def test_export_writes_the_ema_weights_in_the_original_layout(run, tmp_path):
     assert any(k.startswith("model.diffusion_model.input_blocks.") for k in f.keys())
     config = json.loads(f.metadata["sdlearn_config"])
     assert config == json.loads((run / "config.json").read_text())
+    assert json.loads(f.metadata["sdlearn_defaults"]) == {"sampler": "ddim", "steps": 20}
     assert f["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4          # 1×1 conv, as CompVis stores it
 
     import sdlearn
