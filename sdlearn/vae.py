@@ -63,8 +63,9 @@ class ResnetBlock2D(nn.Module):
 
 class Downsample2D(nn.Module):
     """(B, C, H, W) → (B, C, H/2, W/2): zero-pad one pixel on the right and bottom only, then a
-    stride-2 3×3 conv. Padding symmetrically instead would shift the image by half a pixel per
-    level (four pixels in total), which shows up as a drift in img2img."""
+    stride-2 3×3 conv. Padding symmetrically instead (one pixel on every side) would sample every
+    window one pixel up and left of where the weights expect it, at each level's own resolution:
+    1 + 2 + 4 = 7 image pixels through SD's three downsamplers, a drift that shows in img2img."""
 
     def __init__(self, channels: int):
         super().__init__()
