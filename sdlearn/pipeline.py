@@ -26,9 +26,12 @@ known region (mask = 0) of the picture's latents noised to the next step's level
 
     x ← (1 − m) · add_noise(z_image, ε, t_next) + m · x       (diffusers' 4-channel inpainting)
 
+The 9-channel SD inpainting checkpoints (mask and masked picture as extra UNet inputs) are
+refused when loading (sdlearn/weights.py); a standard model with `mask=` inpaints as above.
+
 Defaults: `steps` and `sampler` come from the checkpoint's `sdlearn_defaults` metadata when it
-has one (the tiny model says DDIM, 20 steps); otherwise they are those of the SD v1.5 repo
-(PNDM, 50 steps, as diffusers uses it). `guidance` is 7.5; the size is the model's native one
+has one (JSON such as {"sampler": "ddim", "steps": 20}, written by the tiny model's export);
+otherwise they are those of the SD v1.5 repo (PNDM, 50 steps, as diffusers runs it). `guidance` is 7.5; the size is the model's native one
 (UNet sample_size × the VAE's factor 8: 512×512 for SD v1.5, 64×64 for the tiny model).
 """
 from __future__ import annotations

@@ -86,6 +86,10 @@ def make_request(pipe, prompt, *, negative_prompt=None, steps=None, guidance=7.5
         raise TypeError(f"callback must be callable (it receives a StepInfo); got {type(callback).__name__}")
     if mask is not None and image is None:
         raise ValueError("mask= needs image= too: inpainting repaints the white part of the mask in that image")
+    if mask is not None and image_size(mask, "mask") != image_size(image):
+        (mh, mw), (ih, iw) = image_size(mask, "mask"), image_size(image)
+        raise ValueError(f"mask is {mw}×{mh} but image is {iw}×{ih} (W×H); draw the mask on the picture's "
+                         "own size so that its white part marks the right pixels")
     if guidance <= 1 and negative_prompt is not None:
         warnings.warn(f"guidance={guidance} ≤ 1 runs no unconditional pass, so negative_prompt is not used",
                       stacklevel=4)

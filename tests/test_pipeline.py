@@ -290,6 +290,18 @@ def test_attention_maps_per_word_without_changing_the_image(ours):
     assert plain.attention_maps is None
 
 
+def test_attention_maps_come_from_the_conditional_half(ours):
+    """One DDIM step: the maps must be those of the UNet called on the prompt's context alone."""
+    from sdlearn.attention_maps import CrossAttentionMaps
+
+    noise = unit_noise((1, 4, 8, 8), seed=0)
+    result = ours.generate(PROMPTS[0], negative_prompt=NEGATIVE, steps=1, sampler="ddim", latents=noise,
+                           attention_maps=True, progress=False)
+    with torch.inference_mode(), CrossAttentionMaps(latent_size=(8, 8)) as rec:
+        ours.unet(noise, 1, ours.encode_prompts([PROMPTS[0]]))
+    torch.testing.assert_close(result.attention_maps[0].tokens, rec.token_maps((64, 64))[0], rtol=1e-4, atol=1e-6)
+
+
 # -- argument checks ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -314,6 +326,8 @@ def test_attention_maps_per_word_without_changing_the_image(ours):
     (dict(image=torch.rand(3, 64, 64) * 2 - 1), ValueError, r"has values in \[-.*expected \[0, 1\]"),
     (dict(image=torch.rand(3, 32, 32), height=64, width=64), ValueError, r"image tensor is 32×32 .* expected 64×64"),
     (dict(image=Image.new("RGB", (64, 64)), mask=Image.new("RGBA", (64, 64))), ValueError, r"mask has PIL mode 'RGBA'"),
+    (dict(image=Image.new("RGB", (64, 64)), mask=Image.new("L", (64, 48))), ValueError,
+     r"mask is 64×48 but image is 64×64 \(W×H\)"),
     (dict(seed=1.5), TypeError, r"seed must be an int"),
     (dict(negative_prompt=["a", "b"]), ValueError, r"negative_prompt has 2 entries but there are 1 prompts"),
 ])
