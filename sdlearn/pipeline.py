@@ -195,7 +195,8 @@ class Pipeline:
                          the same generator then feeds the VAE's posterior sample and the
                          stochastic samplers, in diffusers' order. None: a random seed (result.seed)
         latents          unit-variance starting noise (B, 4, H/8, W/8) in the pipeline's dtype,
-                         instead of the seed's; the sampler scales it by its initial σ
+                         instead of the seed's; the sampler scales it by its initial σ (with an
+                         image: the noise added to the picture's latents)
         height, width    multiples of `pipe.size_multiple`; default the native size (or the image's)
         eta              DDIM's η (ddim only)
         callback         callback(StepInfo) after every step; return False or raise StopGeneration
