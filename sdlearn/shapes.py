@@ -425,3 +425,17 @@ def score_alignment(images: Sequence, expected: Sequence[dict[str, Any]]) -> dic
             if want.get(key) is not None:
                 hits[key].append(got[key] == want[key])
     return {k: (float(np.mean(v)) if v else float("nan")) for k, v in hits.items()} | {"found": found / len(images)}
+
+
+def alignment(pipe, *, guidance: float = 5.0, steps: int | None = None, sampler: str | None = None,
+              seed: int = 0, prompts: Sequence[dict[str, Any]] | None = None) -> tuple[dict[str, float], torch.Tensor]:
+    """How well a pipeline draws what it is asked: each grammar prompt once, scored by the analyser.
+
+    All prompts run as one batch from `seed` (so each gets its own starting noise); steps and
+    sampler default to the pipeline's. Returns (scores as `score_alignment`, pixels (N, 3, H, W)).
+    """
+    prompts = grammar_prompts() if prompts is None else list(prompts)
+    result = pipe.generate([p["prompt"] for p in prompts], guidance=guidance, steps=steps, sampler=sampler,
+                           seed=seed, progress=False)
+    return score_alignment(list(result.pixels), prompts), result.pixels
+

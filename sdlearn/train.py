@@ -56,6 +56,7 @@ from .configs import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 from .device import resolve_device
 
 MAX_EXPORT_BYTES = 25_000_000
+EXPORT_DEFAULTS = {"sampler": "ddim", "steps": 20}   # what the tiny model is evaluated (and used) with
 
 
 # --------------------------------------------------------------------------------- settings
@@ -500,9 +501,10 @@ def train_unet(out: str | Path, *, config: ModelConfig | str | None = None, resu
     scores: dict[str, Any] = {}
 
     def evaluate(ema_model: TextToNoise, step: int) -> None:
-        vae = _load_ema_vae(out, run_config, dist.device)
-        result = evaluate_alignment(ema_model.text_encoder, ema_model.unet, vae, steps=s.eval_steps,
-                                    guidance=(s.eval_guidance, 1.0), device=dist.device, grid=out / f"samples-{step}.png")
+        pipe = training_pipeline(ema_model.text_encoder, ema_model.unet, _load_ema_vae(out, run_config, dist.device),
+                                 run_config, dist.device)
+        result = evaluate_alignment(pipe, steps=s.eval_steps, guidance=(s.eval_guidance, 1.0),
+                                    grid=out / f"samples-{step}.png")
         scores.clear()
         scores.update(result)
         _log(out, {"stage": "unet", "step": step, "eval": result})
@@ -523,61 +525,35 @@ def _load_ema_vae(out: Path, config: ModelConfig, device: torch.device) -> nn.Mo
 
 # --------------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
-def generate(text_encoder: nn.Module, unet: nn.Module, vae: nn.Module, prompts: list[str], *,
-             guidance: float = 5.0, steps: int = 20, sampler: str = "ddim", seed: int = 0,
-             batch: int = 64, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Prompts → uint8 images (N, 3, H, W), classifier-free guidance with the empty prompt:
-
-        ε̂ = ε_θ(z_t, t, "") + g · (ε_θ(z_t, t, c) − ε_θ(z_t, t, ""))
-
-    Prompt i starts from `randn(generator=manual_seed(seed + i))`, so an image does not depend
-    on which other prompts share its batch. The pipeline does the same for users; this copy
-    serves training, which must not depend on a loaded checkpoint.
-    """
-    from .samplers import get_sampler, sample_loop
+def training_pipeline(text_encoder: nn.Module, unet: nn.Module, vae: nn.Module, config: ModelConfig,
+                      device: torch.device | str = "cpu") -> "Pipeline":
+    """A Pipeline around models in memory (the tokenizer is the bundled one), generating with
+    the defaults the export writes: DDIM, 20 steps."""
+    from .pipeline import Pipeline
+    from .schedule import NoiseSchedule
     from .tokenizer import default_tokenizer
 
-    tok = default_tokenizer()
-    cfg = unet.config
-    f = vae.config.downsample_factor
-    empty = text_encoder(tok([""]).to(device))
-    images = []
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start:start + batch]
-        context = torch.cat([empty.expand(len(chunk), -1, -1), text_encoder(tok(chunk).to(device))])
-        noise = torch.cat([torch.randn((1, cfg.in_channels, cfg.sample_size, cfg.sample_size),
-                                       generator=torch.Generator().manual_seed(seed + start + i)) for i in range(len(chunk))])
-
-        def eps(x, t):
-            e_uncond, e_cond = unet(torch.cat([x, x]), t, context).chunk(2)
-            return e_uncond + guidance * (e_cond - e_uncond)
-
-        z = sample_loop(get_sampler(sampler), eps, noise.to(device), steps)
-        x = vae.decode(z / vae.scaling_factor)
-        images.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
-        assert images[-1].shape[-1] == f * cfg.sample_size
-    return torch.cat(images)
+    return Pipeline(tokenizer=default_tokenizer(), text_encoder=text_encoder.eval(), unet=unet.eval(), vae=vae.eval(),
+                    schedule=NoiseSchedule.scaled_linear(), device=torch.device(device), dtype=torch.float32,
+                    config=config, source="training run", defaults=dict(EXPORT_DEFAULTS))
 
 
-def evaluate_alignment(text_encoder: nn.Module, unet: nn.Module, vae: nn.Module, *,
-                       guidance: tuple[float, ...] = (5.0, 1.0), steps: int = 20, seed: int = 0,
-                       device: torch.device | str = "cpu", grid: str | Path | None = None) -> dict[str, dict[str, float]]:
-    """Generate the 108 grammar prompts at each guidance scale and score them with the analyser.
-    Returns {guidance: {"colour", "shape", "position", "found"}}; saves the first scale's images
-    as a grid with captions when `grid` is a path."""
-    prompts = shapes.grammar_prompts()
+def evaluate_alignment(pipe, *, guidance: tuple[float, ...] = (5.0, 1.0), steps: int = 20, seed: int = 0,
+                       grid: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """The 108 grammar prompts at each guidance scale, scored with the analyser:
+    {guidance: {"colour", "shape", "position", "found"}}. With `grid`, the first scale's
+    images are saved there as a picture with their prompts."""
     result = {}
     for i, g in enumerate(guidance):
-        images = generate(text_encoder, unet, vae, [p["prompt"] for p in prompts], guidance=g, steps=steps,
-                          seed=seed, device=device)
-        result[str(g)] = shapes.score_alignment(list(images), prompts)
+        scores, pixels = shapes.alignment(pipe, guidance=g, steps=steps, seed=seed)
+        result[str(g)] = scores
         if grid is not None and i == 0:
             import matplotlib.pyplot as plt
 
             from .viz import image_grid
 
-            fig = image_grid(list(images), [p["prompt"] for p in prompts], ncols=12, size=1.1, fontsize=5)
+            fig = image_grid(list(pixels), [p["prompt"] for p in shapes.grammar_prompts()], ncols=12, size=1.1,
+                             fontsize=5)
             fig.savefig(grid, dpi=80)
             plt.close(fig)
     return result
@@ -611,7 +587,7 @@ def export(run: str | Path, path: str | Path, *, dtype: torch.dtype | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     vae_step = load_checkpoint(run / "vae.pt")["step"]
     training = {"vae_steps": vae_step, "unet_steps": unet_ckpt["step"], "settings": unet_ckpt["settings"]}
-    defaults = {"sampler": "ddim", "steps": 20} if defaults is None else defaults
+    defaults = EXPORT_DEFAULTS if defaults is None else defaults
     save_original_checkpoint(path, models, config, dtype=dtype, extra_metadata={
         "sdlearn_training": json.dumps(training), "sdlearn_defaults": json.dumps(defaults)})
     size = path.stat().st_size

@@ -1,5 +1,6 @@
 """The synthetic dataset is deterministic and self-consistent; the analyser reads it back."""
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -177,3 +178,28 @@ def test_image_grid_shows_each_image_with_its_caption():
     assert shown[2].get_title().replace("\n", " ") == d.captions[2]
     with pytest.raises(ValueError, match="one caption per image"):
         viz.image_grid(list(d.images), d.captions[:2])
+
+
+class _DrawingPipeline:
+    """Stands in for a model: draws what each prompt asks (in another colour if told to)."""
+
+    def __init__(self, recolour=None):
+        self.recolour = recolour or {}
+
+    def generate(self, prompts, *, guidance, steps, sampler, seed, progress):
+        pixels = []
+        for text in prompts:
+            want = shapes.parse_caption(text)[0]
+            x, y = shapes.POSITIONS[want["position"] or "center"]
+            drawn = shapes.draw([{"colour": self.recolour.get(want["colour"], want["colour"]), "shape": want["shape"],
+                                  "cx": x * 64, "cy": y * 64, "extent": 20}], "white")
+            pixels.append(torch.from_numpy(drawn).permute(2, 0, 1).float() / 255)
+        return SimpleNamespace(pixels=torch.stack(pixels))
+
+
+def test_alignment_of_a_perfect_and_of_a_colour_blind_model():
+    scores, pixels = shapes.alignment(_DrawingPipeline())
+    assert pixels.shape == (108, 3, 64, 64)
+    assert scores == {"colour": 1.0, "shape": 1.0, "position": 1.0, "found": 1.0}
+    scores, _ = shapes.alignment(_DrawingPipeline(recolour={"orange": "yellow"}))
+    assert scores["colour"] == pytest.approx(5 / 6) and scores["shape"] == 1.0

@@ -23,7 +23,7 @@ def run(tmp_path_factory):
     """A micro run: 3 VAE steps, then 3 UNet steps."""
     out = tmp_path_factory.mktemp("run")
     train.train_vae(out, config="micro", steps=3, batch=4, warmup=1, log_every=1, data_cache=None, **DATA)
-    train.train_unet(out, steps=3, data_cache=None, **UNET)
+    train.train_unet(out, steps=3, data_cache=None, **{**UNET, "eval_steps": 1})
     return out
 
 
@@ -135,16 +135,14 @@ def test_export_falls_back_to_float16_and_refuses_what_does_not_fit(run, tmp_pat
         train.export(run, tmp_path / "c.safetensors", max_bytes=int(fp32 * 0.3))
 
 
-def test_generated_image_does_not_depend_on_its_batch(run):
-    config = ModelConfig.from_dict(json.loads((run / "config.json").read_text()))
-    pair = train.TextToNoise(config)
-    pair.load_state_dict(train.load_checkpoint(run / "unet.pt")["ema"])
-    vae = train._load_ema_vae(run, config, torch.device("cpu"))
-    both = train.generate(pair.text_encoder, pair.unet, vae, ["a red circle", "a blue square"], steps=2, seed=5)
-    alone = train.generate(pair.text_encoder, pair.unet, vae, ["a blue square"], steps=2, seed=6)
-    assert both.shape == (2, 3, 64, 64) and both.dtype == torch.uint8
-    assert (both[1].int() - alone[0].int()).abs().max() <= 1
-    assert not torch.equal(both[0], both[1])
+def test_the_unet_stage_ends_with_an_evaluation_of_the_grammar_prompts(run):
+    evals = [r for r in train.read_log(run) if "eval" in r]
+    assert [r["step"] for r in evals] == [3]
+    assert set(evals[0]["eval"]) == {"5.0", "1.0"}
+    for scores in evals[0]["eval"].values():
+        assert set(scores) == {"colour", "shape", "position", "found"}
+        assert all(0 <= v <= 1 for v in scores.values())
+    assert (run / "samples-3.png").stat().st_size > 10_000
 
 
 def test_cli_exports(run, tmp_path):   # (the stages' CLI runs in the two-process test)
