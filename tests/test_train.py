@@ -53,6 +53,7 @@ def test_log_records_every_step_of_both_stages(run):
     assert all(r["loss"] > 0 and r["sec_per_step"] > 0 for r in log if "loss" in r)
     measure = next(r["measure"] for r in log if "measure" in r)
     assert 0 < measure["l1"] < 2 and measure["scaling_factor"] > 0
+    assert 0 <= measure["recon_colour"] <= 1 and 0 <= measure["recon_shape"] <= 1
 
 
 def test_an_existing_stage_is_only_continued_with_resume(run):
