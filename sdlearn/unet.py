@@ -73,11 +73,11 @@ class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, t_dim: int, groups: int, eps: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.conv1 = Conv2d(c_in, c_out, 3, padding=1)
         self.time_emb_proj = nn.Linear(t_dim, c_out)
         self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+        self.conv2 = Conv2d(c_out, c_out, 3, padding=1)
+        self.conv_shortcut = Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     @classmethod
     def from_config(cls, c_in: int, c_out: int, cfg: UNetConfig) -> "ResBlock":
@@ -181,9 +181,9 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels: int, heads: int, context_dim: int, depth: int, groups: int):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.proj_in = Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim) for _ in range(depth))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     @classmethod
     def from_config(cls, channels: int, cfg: UNetConfig) -> "SpatialTransformer":
@@ -202,7 +202,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -213,7 +213,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -301,7 +301,7 @@ class UNet(nn.Module):
         self.config = cfg = config
         ch = cfg.block_out_channels
         levels = len(ch)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
 
         self.down_blocks = nn.ModuleList(
@@ -316,7 +316,7 @@ class UNet(nn.Module):
             for i in range(levels))
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         tag_attention_layers(self)
 
     @property
@@ -380,11 +380,75 @@ class UNet(nn.Module):
         return rows
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    """The one speed decision of this file: keep feature maps in channels-last memory.
+# ----------------------------------------------------------------------------------------------
+# Speed. Nothing below changes what the UNet computes, only how fast the CPU computes it.
+# ----------------------------------------------------------------------------------------------
 
-    Convolutions (oneDNN on the CPU, cuDNN on GPUs) and GroupNorm run faster on (B, H, W, C)
-    memory, and a spatial transformer's (B, C, H, W) → (B, H·W, C) token view becomes free instead
-    of a copy. Convs keep the format of their input, so setting it once at `conv_in` is enough.
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """Keep feature maps in channels-last memory, (B, H, W, C) in memory, still indexed (B, C, H, W).
+
+    oneDNN's convolutions run faster on it, and a spatial transformer's (B, C, H, W) → (B, H·W, C)
+    token view becomes free instead of a copy. Convolutions keep the format of their input, so
+    setting it once on the latents is enough.
     """
     return x.contiguous(memory_format=torch.channels_last)
+
+
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` that, for inference on the CPU, keeps its weight in oneDNN's own layout.
+
+    On every call oneDNN (PyTorch's CPU convolution library) first copies the weight into a
+    blocked layout of its choosing (e.g. output channels in blocks of 32). For the 1280-channel
+    convolutions of the deep levels that copy costs about as much as the convolution itself, on
+    8×8 and 16×16 maps. This class makes the copy once and reuses it while the weight is
+    unchanged: same parameters, same state dict, same results. The price is a second copy of
+    the conv weights in memory (2.2 GB at SD v1.5 size in float32); set
+    `sdlearn.unet.PACK_CONV_WEIGHTS = False` to do without. Training (autograd), other devices
+    and dtypes use the plain `nn.Conv2d`.
+
+    The copy is remade whenever the weight tensor is replaced (`load_state_dict(assign=True)`,
+    `.to()`) or changed in place (`load_state_dict`, an optimizer step). Changes made through
+    `weight.data` bypass PyTorch's version counter and are not seen: call `forget_packed()`.
+    """
+
+    _packed: tuple | None = None     # (the weight it was made from, its version, the copy)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed_weight(x) if self._can_pack(x) else None
+        if packed is None:
+            return super().forward(x)
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, self.padding, self.stride,
+                                                       self.dilation, self.groups, "none", [], "")
+
+    def forget_packed(self) -> None:
+        self._packed = None
+
+    def __getstate__(self):          # copy.deepcopy and pickle: leave the packed copy behind
+        state = super().__getstate__()
+        state.pop("_packed", None)
+        return state
+
+    def _can_pack(self, x: torch.Tensor) -> bool:
+        w = self.weight
+        return (PACK_CONV_WEIGHTS and _ONEDNN_OPS and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
+    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self._packed is not None:
+            source, version, packed = self._packed
+            # `source` keeps the old storage alive, so an equal address means the same storage.
+            if source.data_ptr() == w.data_ptr() and version == w._version:
+                return packed
+            self._packed = None                                    # free the stale copy first
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+            list(x.shape))
+        self._packed = (w.detach(), w._version, packed)
+        return packed
+
+
+PACK_CONV_WEIGHTS = True
+_ONEDNN_OPS = (torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight")
+               and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))

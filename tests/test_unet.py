@@ -211,3 +211,50 @@ def test_wrong_inputs_give_clear_errors():
         unet(latents[:, :3], 1, context)
     with pytest.raises(ValueError, match=r"timesteps .* \(2,\); got \(3,\)"):
         unet(latents, torch.tensor([1, 2, 3]), context)
+
+
+# --- the CPU weight cache of the convolutions (a speed trick that must never change results) ---
+
+def test_packed_conv_equals_conv2d_and_follows_every_weight_change():
+    import copy
+
+    import torch.nn.functional as F
+    from sdlearn.unet import _ONEDNN_OPS, Conv2d
+    if not _ONEDNN_OPS:
+        pytest.skip("this PyTorch build has no oneDNN convolution ops")
+    g = torch.Generator().manual_seed(3)
+    conv = Conv2d(8, 16, 3, stride=2, padding=1)
+    x = torch.randn(2, 8, 10, 12, generator=g).contiguous(memory_format=torch.channels_last)
+
+    def check():
+        with torch.no_grad():
+            got = conv(x)
+        assert conv._packed is not None                       # the cached path was taken
+        torch.testing.assert_close(got, F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1), rtol=1e-5, atol=1e-5)
+        return got
+
+    first = check()
+    with torch.no_grad():
+        conv.weight.mul_(-2)                                  # in place, as an optimizer step
+    assert not torch.allclose(check(), first)
+    conv.load_state_dict({"weight": torch.randn(16, 8, 3, 3, generator=g), "bias": conv.bias.detach()})
+    check()
+    conv.load_state_dict({"weight": torch.randn(16, 8, 3, 3, generator=g), "bias": conv.bias.detach()}, assign=True)
+    check()
+    # autograd still works (and does not use the cache); a deep copy leaves the cache behind
+    y = conv(x.requires_grad_())
+    y.sum().backward()
+    assert conv.weight.grad is not None and x.grad is not None
+    assert copy.deepcopy(conv)._packed is None
+
+
+def test_unet_without_the_conv_cache_gives_the_same_output(monkeypatch):
+    import sdlearn.unet as unet_module
+    cfg = UNetConfig.tiny()
+    ours, _ = models(cfg)
+    latents, context = inputs(cfg, 2, 16, 8)
+    with torch.no_grad():
+        cached = ours(latents, 300, context)
+        monkeypatch.setattr(unet_module, "PACK_CONV_WEIGHTS", False)
+        plain = ours(latents, 300, context)
+    assert rel_err(cached, plain) < 1e-6
