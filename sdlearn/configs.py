@@ -156,7 +156,7 @@ class VAEConfig(_Config):
     @classmethod
     def tiny(cls) -> "VAEConfig":
         return cls(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=32,
-                   scaling_factor=0.29, sample_size=64)
+                   scaling_factor=0.76, sample_size=64)
 
     @classmethod
     def from_diffusers(cls, cfg: dict[str, Any]) -> "VAEConfig":
