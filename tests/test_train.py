@@ -43,7 +43,7 @@ def test_vae_stage_stores_the_measured_latent_scale(run):
     torch.testing.assert_close(latents["mean"], mean)           # the EMA VAE's encoding of the dataset
     z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(123))
     assert config.vae.scaling_factor == pytest.approx(1 / z.std().item(), rel=0.03)
-    assert config.vae.scaling_factor != ModelConfig.tiny().vae.scaling_factor
+    assert config.vae.scaling_factor != train.micro_config().vae.scaling_factor
 
 
 def test_log_records_every_step_of_both_stages(run):
