@@ -246,3 +246,97 @@ def plot_token_heatmaps(matrices, labels: Sequence[str] | None = None, *,
     if colorbar:
         fig.colorbar(shown, ax=list(axes.flat), fraction=0.02, pad=0.02)
     return fig
+
+
+# ---- sampling and attention maps (notebooks 06, 07) ---------------------------------------------
+
+def image_table(rows: dict, col_titles: Sequence[str] | None = None, *, size: float = 1.2,
+                fontsize: float = 7, captions: dict | None = None):
+    """Images in labelled rows: `rows` maps a row label to its images (every row the same
+    length; None leaves a cell empty), `col_titles` names the columns (a step, a strength, …) and
+    `captions`, if given, maps a row label to one caption per image, written under each.
+    Sampler × steps grids, filmstrips along a trajectory, sweeps. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    rows = dict(rows)
+    lengths = {label: len(images) for label, images in rows.items()}
+    if not rows or len(set(lengths.values())) != 1:
+        raise ValueError(f"expected rows of one length, found {lengths}; pad short rows with None")
+    ncols = next(iter(lengths.values()))
+    if col_titles is not None and len(col_titles) != ncols:
+        raise ValueError(f"got {len(col_titles)} column titles for {ncols} columns; pass one per column")
+    captions = captions or {}
+    for label, caps in captions.items():
+        if label not in rows or len(caps) != ncols:
+            raise ValueError(f"captions[{label!r}] must name a row and hold {ncols} captions")
+    text_h = 0.25 if captions else 0.0
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(ncols * size + 0.9, len(rows) * (size + text_h) + 0.3),
+                             squeeze=False)
+    for r, (label, images) in enumerate(rows.items()):
+        for c, image in enumerate(images):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if image is not None:
+                ax.imshow(to_uint8(image), interpolation="nearest")
+            if r == 0 and col_titles is not None:
+                ax.set_title(str(col_titles[c]), fontsize=fontsize + 1)
+            if label in captions:
+                ax.set_xlabel(captions[label][c], fontsize=fontsize)
+        axes[r][0].set_ylabel(str(label), fontsize=fontsize + 1)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap_overlay(image, heat, *, alpha: float = 0.6, cmap: str = "jet", vmax: float | None = None) -> np.ndarray:
+    """A heat map laid over an image: uint8 (H, W, 3).
+
+    heat (h, w), e.g. a word's attention map, is upsampled (bilinear) to the image's size if it
+    is smaller, divided by `vmax` (default: its own maximum) and clipped to [0, 1], coloured by
+    `cmap`, and blended: out = α · cmap(heat) + (1 − α) · image.
+    """
+    import matplotlib
+
+    base = to_uint8(image).astype(np.float32) / 255
+    h = torch.as_tensor(np.asarray(heat.detach().float().cpu() if isinstance(heat, torch.Tensor) else heat,
+                                   dtype=np.float32))
+    if h.ndim != 2:
+        raise ValueError(f"expected a heat map (h, w), found shape {tuple(h.shape)}")
+    if tuple(h.shape) != base.shape[:2]:
+        h = torch.nn.functional.interpolate(h[None, None], size=base.shape[:2], mode="bilinear",
+                                            align_corners=False)[0, 0]
+    top = float(h.max()) if vmax is None else vmax
+    h = (h / top if top > 0 else torch.zeros_like(h)).clamp(0, 1).numpy()
+    colour = matplotlib.colormaps[cmap](h)[..., :3]
+    return (np.clip(alpha * colour + (1 - alpha) * base, 0, 1) * 255).round().astype(np.uint8)
+
+
+def plot_word_maps(image, word_maps, words: Sequence | None = None, *, size: float = 1.6,
+                   alpha: float = 0.6, cmap: str = "jet", shared_scale: bool = False, fontsize: float = 8):
+    """The image, then one panel per word with its attention map laid over the image.
+
+    `word_maps`: an `attention_maps.WordMaps` (or anything with `.words` and `.maps` (n, H, W)).
+    `words`: which ones (texts or positions; default all). Each title gives the word's share of
+    the attention, the mean of its map (every pixel's attention sums to 1 over the 77 tokens).
+    Each map is scaled to its own maximum, or all to the largest with `shared_scale`.
+    Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    chosen = list(range(len(word_maps.words))) if words is None else \
+        [w if isinstance(w, int) else word_maps.words.index(w) for w in words]
+    maps = [word_maps.maps[i].float().cpu() for i in chosen]
+    vmax = max(float(m.max()) for m in maps) if shared_scale and maps else None
+    fig, axes = plt.subplots(1, len(chosen) + 1, figsize=((len(chosen) + 1) * size, size + 0.4), squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(to_uint8(image), interpolation="nearest")
+    axes[0].set_title("image", fontsize=fontsize)
+    for ax, i, m in zip(axes[1:], chosen, maps):
+        ax.imshow(heatmap_overlay(image, m, alpha=alpha, cmap=cmap, vmax=vmax), interpolation="nearest")
+        ax.set_title(f"{word_maps.words[i]}\n{100 * m.mean().item():.1f} %", fontsize=fontsize)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
