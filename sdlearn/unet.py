@@ -18,8 +18,11 @@ so a diffusers `unet/` state dict loads with `load_state_dict(strict=True)`. The
 buffers: the sinusoidal frequencies are computed in `forward`, so the model can be built on the
 meta device and loaded with `assign=True`.
 
-Speed: every tensor from `conv_in` on is kept in channels-last memory (B, H, W, C in memory,
-still indexed as (B, C, H, W)); see `_channels_last` below, the one place this is decided.
+Speed: the layers below are plain PyTorch. Three CPU-inference tricks, none of which changes a
+result beyond float32 rounding, live together at the end of the file: feature maps in
+channels-last memory (`_channels_last`), convolutions that keep oneDNN's re-laid-out copy of
+their weights (`Conv2d`), and linear layers on oneDNN rather than MKL (`Linear`). `Conv2d` and
+`Linear` are `nn.Conv2d` and `nn.Linear` with the same parameters; read them as such.
 """
 from __future__ import annotations
 
@@ -54,8 +57,8 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(emb)))
@@ -74,7 +77,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
         self.conv1 = Conv2d(c_in, c_out, 3, padding=1)
-        self.time_emb_proj = nn.Linear(t_dim, c_out)
+        self.time_emb_proj = Linear(t_dim, c_out)
         self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
         self.conv2 = Conv2d(c_out, c_out, 3, padding=1)
         self.conv_shortcut = Conv2d(c_in, c_out, 1) if c_in != c_out else None
@@ -105,10 +108,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         context_dim = context_dim or dim
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])   # diffusers' to_out.1 is a dropout
+        self.to_q = Linear(dim, dim, bias=False)
+        self.to_k = Linear(context_dim, dim, bias=False)
+        self.to_v = Linear(context_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([Linear(dim, dim)])   # diffusers' to_out.1 is a dropout
         self.tag: str | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,7 +125,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner)
+        self.proj = Linear(dim, 2 * inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.proj(x).chunk(2, dim=-1)
@@ -136,7 +139,7 @@ class FeedForward(nn.Module):
         super().__init__()
         # net.1 is diffusers' dropout slot (no weights, identity at inference): kept so that
         # the second linear is called `net.2`, as in the checkpoints.
-        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), Linear(mult * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.net[0](x))
@@ -429,10 +432,8 @@ class Conv2d(nn.Conv2d):
         return state
 
     def _can_pack(self, x: torch.Tensor) -> bool:
-        w = self.weight
-        return (PACK_CONV_WEIGHTS and _ONEDNN_OPS and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+        return (PACK_CONV_WEIGHTS and _onednn_inference(x, self.weight) and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str))
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -449,6 +450,28 @@ class Conv2d(nn.Conv2d):
         return packed
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` that, for inference on the CPU, runs on oneDNN instead of the BLAS library.
+
+    PyTorch's CPU matrix products go to Intel MKL, which is known to choose slow code paths on
+    AMD processors; oneDNN generates its own code for the CPU it finds. On the AMD EPYC (AVX-512)
+    this project was measured on, oneDNN computes the UNet's linear layers about twice as fast
+    (a 1280-channel transformer block: 0.16 s instead of 0.34 s). Same parameters, same results
+    to float32 rounding; autograd, other devices and dtypes use the plain `nn.Linear`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _onednn_inference(x, self.weight):
+            return super().forward(x)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """May this layer use oneDNN's inference-only ops? CPU, float32, and no autograd graph."""
+    return (_ONEDNN_OPS and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
 PACK_CONV_WEIGHTS = True
 _ONEDNN_OPS = (torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight")
-               and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+               and hasattr(torch.ops.mkldnn, "_convolution_pointwise") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
