@@ -290,12 +290,13 @@ def image_table(rows: dict, col_titles: Sequence[str] | None = None, *, size: fl
     return fig
 
 
-def heatmap_overlay(image, heat, *, alpha: float = 0.6, cmap: str = "jet", vmax: float | None = None) -> np.ndarray:
+def heatmap_overlay(image, heat, *, alpha: float = 0.5, cmap: str = "jet", vmin: float | None = None,
+                    vmax: float | None = None) -> np.ndarray:
     """A heat map laid over an image: uint8 (H, W, 3).
 
     heat (h, w), e.g. a word's attention map, is upsampled (bilinear) to the image's size if it
-    is smaller, divided by `vmax` (default: its own maximum) and clipped to [0, 1], coloured by
-    `cmap`, and blended: out = α · cmap(heat) + (1 − α) · image.
+    is smaller, scaled so that [vmin, vmax] (default: its own minimum and maximum) becomes
+    [0, 1] and clipped, coloured by `cmap`, and blended: out = α · cmap(heat) + (1 − α) · image.
     """
     import matplotlib
 
@@ -307,20 +308,21 @@ def heatmap_overlay(image, heat, *, alpha: float = 0.6, cmap: str = "jet", vmax:
     if tuple(h.shape) != base.shape[:2]:
         h = torch.nn.functional.interpolate(h[None, None], size=base.shape[:2], mode="bilinear",
                                             align_corners=False)[0, 0]
-    top = float(h.max()) if vmax is None else vmax
-    h = (h / top if top > 0 else torch.zeros_like(h)).clamp(0, 1).numpy()
+    lo = float(h.min()) if vmin is None else vmin
+    hi = float(h.max()) if vmax is None else vmax
+    h = ((h - lo) / (hi - lo) if hi > lo else torch.zeros_like(h)).clamp(0, 1).numpy()
     colour = matplotlib.colormaps[cmap](h)[..., :3]
     return (np.clip(alpha * colour + (1 - alpha) * base, 0, 1) * 255).round().astype(np.uint8)
 
 
 def plot_word_maps(image, word_maps, words: Sequence | None = None, *, size: float = 1.6,
-                   alpha: float = 0.6, cmap: str = "jet", shared_scale: bool = False, fontsize: float = 8):
+                   alpha: float = 0.5, cmap: str = "jet", shared_scale: bool = False, fontsize: float = 8):
     """The image, then one panel per word with its attention map laid over the image.
 
     `word_maps`: an `attention_maps.WordMaps` (or anything with `.words` and `.maps` (n, H, W)).
     `words`: which ones (texts or positions; default all). Each title gives the word's share of
     the attention, the mean of its map (every pixel's attention sums to 1 over the 77 tokens).
-    Each map is scaled to its own maximum, or all to the largest with `shared_scale`.
+    Each map's colours span its own minimum to maximum, or all maps' with `shared_scale`.
     Returns the Figure.
     """
     import matplotlib.pyplot as plt
@@ -328,13 +330,14 @@ def plot_word_maps(image, word_maps, words: Sequence | None = None, *, size: flo
     chosen = list(range(len(word_maps.words))) if words is None else \
         [w if isinstance(w, int) else word_maps.words.index(w) for w in words]
     maps = [word_maps.maps[i].float().cpu() for i in chosen]
+    vmin = min(float(m.min()) for m in maps) if shared_scale and maps else None
     vmax = max(float(m.max()) for m in maps) if shared_scale and maps else None
     fig, axes = plt.subplots(1, len(chosen) + 1, figsize=((len(chosen) + 1) * size, size + 0.4), squeeze=False)
     axes = axes[0]
     axes[0].imshow(to_uint8(image), interpolation="nearest")
     axes[0].set_title("image", fontsize=fontsize)
     for ax, i, m in zip(axes[1:], chosen, maps):
-        ax.imshow(heatmap_overlay(image, m, alpha=alpha, cmap=cmap, vmax=vmax), interpolation="nearest")
+        ax.imshow(heatmap_overlay(image, m, alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax), interpolation="nearest")
         ax.set_title(f"{word_maps.words[i]}\n{100 * m.mean().item():.1f} %", fontsize=fontsize)
     for ax in axes:
         ax.axis("off")

@@ -47,6 +47,17 @@ def test_heatmap_overlay_blends_the_coloured_map_over_the_image():
     assert half[2, 3].tolist() == [128] * 3                                  # 4 / vmax 8 = grey
 
 
+def test_heatmap_overlay_spans_the_maps_own_range_unless_told():
+    heat = torch.full((4, 4), 2.0)
+    heat[0, 0], heat[3, 3] = 1.0, 3.0
+    out = viz.heatmap_overlay(torch.zeros(3, 4, 4), heat, alpha=1.0, cmap="gray")
+    assert (out[0, 0, 0], out[1, 1, 0], out[3, 3, 0]) == (0, 128, 255)     # min → 0, max → 1
+    fixed = viz.heatmap_overlay(torch.zeros(3, 4, 4), heat, alpha=1.0, cmap="gray", vmin=0.0, vmax=4.0)
+    assert (fixed[0, 0, 0], fixed[3, 3, 0]) == (64, 192)
+    flat = viz.heatmap_overlay(torch.zeros(3, 4, 4), torch.ones(4, 4), alpha=1.0, cmap="gray")
+    assert (flat == 0).all()                                                 # no range: all at the bottom
+
+
 def test_heatmap_overlay_upsamples_a_coarse_map_to_the_image():
     heat = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
     out = viz.heatmap_overlay(torch.zeros(3, 16, 16), heat, alpha=1.0, cmap="gray")
