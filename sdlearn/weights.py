@@ -23,7 +23,9 @@ and assigns the checkpoint tensors to it: the weights exist once, never twice.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import mmap
 import os
 import re
@@ -89,22 +91,28 @@ def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Parse and validate the header of a safetensors file without reading any tensor data."""
     path = Path(path)
     name = path.name
-    size = path.stat().st_size
-    if size < 8:
-        raise CheckpointError(f"{name}: file is {size} bytes; a safetensors file starts with an 8-byte "
-                              "header length. The file is empty or truncated: download it again")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{name}: header length field says {n:,} bytes (limit {MAX_HEADER_BYTES:,}); "
-                                  "this is not a safetensors file or it is corrupted")
-        if 8 + n > size:
-            raise CheckpointError(f"{name}: header of {n:,} bytes does not fit in a {size:,}-byte file; "
-                                  "the file is truncated or not safetensors: download it again")
-        raw = f.read(n)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{name}: file is {size} bytes; a safetensors file starts with an 8-byte "
+                                      "header length. The file is empty or truncated: download it again")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{name}: header length field says {n:,} bytes (limit {MAX_HEADER_BYTES:,}); "
+                                      "this is not a safetensors file or it is corrupted")
+            if 8 + n > size:
+                raise CheckpointError(f"{name}: header of {n:,} bytes does not fit in a {size:,}-byte file; "
+                                      "the file is truncated or not safetensors: download it again")
+            raw = f.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"{name}: cannot be read ({exc.strerror or exc.__class__.__name__}); "
+                              "check the path and its permissions") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # RecursionError: JSON nested thousands deep ([[[[…), which no real header is.
         raise CheckpointError(f"{name}: header is not valid JSON ({exc.__class__.__name__}); "
                               "the file is not safetensors or it is corrupted") from None
     if not isinstance(header, dict):
@@ -126,7 +134,7 @@ def _tensor_info(name: str, key: str, entry, data_size: int) -> TensorInfo:
     except (TypeError, KeyError, ValueError):
         raise CheckpointError(f"{name}: header entry for {key!r} needs dtype, shape and two data_offsets; "
                               f"found {str(entry)[:80]}") from None
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(f"{name}: tensor {key!r} has dtype {dtype!r}; known: {', '.join(DTYPES)}")
     if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
             or not all(isinstance(o, int) for o in (begin, end))):
@@ -393,9 +401,11 @@ def infer_original_config(keys_shapes: dict[str, tuple[int, ...]], metadata: dic
     after checking the shapes that tell SD versions apart."""
     if "sdlearn_config" in metadata:
         try:
-            return ModelConfig.from_dict(json.loads(metadata["sdlearn_config"]))
-        except (json.JSONDecodeError, ConfigError, TypeError) as exc:
-            raise CheckpointError(f"{name}: its sdlearn_config metadata is invalid ({exc})") from None
+            config = ModelConfig.from_dict(json.loads(metadata["sdlearn_config"]))
+        except (json.JSONDecodeError, RecursionError, ConfigError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{name}: its sdlearn_config metadata is invalid ({exc.__class__.__name__}: "
+                                  f"{str(exc)[:160]})") from None
+        return check_config(config, f"{name}: its sdlearn_config metadata")
     cfg = ModelConfig.sd15()
     conv_in = keys_shapes.get("model.diffusion_model.input_blocks.0.0.weight")
     if conv_in is not None and len(conv_in) == 4 and conv_in[1] == 9:
@@ -403,10 +413,49 @@ def infer_original_config(keys_shapes: dict[str, tuple[int, ...]], metadata: dic
                               "sdlearn loads the standard 4-channel SD v1.x models: use a standard "
                               "checkpoint and pass mask= to generate() for inpainting")
     to_k = keys_shapes.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-    if to_k is not None and to_k[-1] != 768:
+    if to_k is not None and len(to_k) == 2 and to_k[-1] != 768:
         raise CheckpointError(f"{name}: the UNet's cross-attention reads {to_k[-1]}-wide text features; "
                               "SD v1.x uses 768 (CLIP ViT-L/14): this is another model family")
     return cfg
+
+
+# Bounds on a configuration read from a file: generous for any SD v1.x-like model, small enough
+# that building it on the meta device takes milliseconds, not forever.
+MAX_COUNT = {"num_hidden_layers": 64, "layers_per_block": 16, "transformer_layers_per_block": 16}
+MAX_WIDTH, MAX_LEVELS = 1 << 16, 8
+
+
+def check_config(config: ModelConfig, where: str) -> ModelConfig:
+    """Refuse a configuration read from a file (metadata, config.json) that no module could be
+    built from: a field of the wrong type, a size ≤ 0, counts so large that building would hang,
+    widths that do not split into heads. Each field has the type of its default: int, float, or a
+    tuple (1 to 8 levels) of ints or bools."""
+    for part in (config.text_encoder, config.unet, config.vae):
+        for f in dataclasses.fields(part):
+            value, default = getattr(part, f.name), f.default
+            levels = isinstance(default, tuple)
+            kind = type(default[0] if levels else default)
+            limit = MAX_COUNT.get(f.name, MAX_WIDTH)
+            ok = (isinstance(value, tuple) and 0 < len(value) <= MAX_LEVELS if levels else True) \
+                and all(_field_ok(v, kind, limit) for v in (value if levels else (value,)))
+            if not ok:
+                raise CheckpointError(f"{where}: {type(part).__name__}.{f.name} is {str(value)[:60]!r}; expected "
+                                      f"{f'1 to {MAX_LEVELS} levels of ' if levels else ''}{kind.__name__}"
+                                      f"{'' if kind is bool else f' in (0, {limit}]'} such as {default!r}")
+    te, u = config.text_encoder, config.unet
+    if te.hidden_size % te.num_attention_heads or any(c % u.num_heads for c in u.block_out_channels):
+        raise CheckpointError(f"{where}: attention widths must split evenly into heads; found text encoder "
+                              f"{te.hidden_size} / {te.num_attention_heads} heads, UNet "
+                              f"{list(u.block_out_channels)} / {u.num_heads} heads")
+    return config
+
+
+def _field_ok(v, kind: type, limit: int) -> bool:
+    if kind is bool:
+        return isinstance(v, bool)
+    if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+        return False
+    return 0 < v <= limit and math.isfinite(v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,8 +497,9 @@ class _TorchPickle:
                 ".safetensors with a tool you trust, or use a .safetensors file") from None
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise CheckpointError(f"{path.name}: expected a dict of tensors (a state_dict), found "
+        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in obj.items()):
+            raise CheckpointError(f"{path.name}: expected a dict of tensors by name (a state_dict), found "
                                   f"{type(obj).__name__} with other content")
         self.sd = obj
 
@@ -568,13 +618,18 @@ def _open_diffusers_folder(folder: Path, prefer_fp16: bool = False) -> Checkpoin
     for comp in COMPONENTS:
         try:
             configs[comp] = json.loads((folder / comp / "config.json").read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise CheckpointError(f"{folder.name}/{comp}/config.json is not valid JSON ({exc})") from None
-    try:
-        config = ModelConfig(CLIPTextConfig.from_diffusers(configs["text_encoder"]),
-                             UNetConfig.from_diffusers(configs["unet"]), VAEConfig.from_diffusers(configs["vae"]))
-    except ConfigError as exc:
-        raise CheckpointError(f"{folder.name}: {exc}") from None
+        if not isinstance(configs[comp], dict):
+            raise CheckpointError(f"{folder.name}/{comp}/config.json holds a JSON {type(configs[comp]).__name__}; "
+                                  "expected an object")
+    parts = {}
+    for comp, cls in (("text_encoder", CLIPTextConfig), ("unet", UNetConfig), ("vae", VAEConfig)):
+        try:
+            parts[comp] = cls.from_diffusers(configs[comp])
+        except (ConfigError, TypeError, ValueError) as exc:   # TypeError: a field of the wrong kind
+            raise CheckpointError(f"{folder.name}/{comp}/config.json: {exc}") from None
+    config = check_config(ModelConfig(**parts), f"{folder.name}: its config.json files")
     if config.unet.in_channels == 9:
         raise CheckpointError(f"{folder.name} holds an SD inpainting UNet (9 input channels); sdlearn loads "
                               "the standard 4-channel SD v1.x models: use a standard one and pass mask=")
@@ -629,15 +684,20 @@ def load_component(ckpt: Checkpoint, component: str, device: torch.device | str 
                    dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Build one module on the meta device and assign the checkpoint's tensors to it, each cast
     to `dtype` and moved to `device` as it is read. Raises CheckpointError listing missing keys
-    and wrong shapes; unexpected keys are reported as a warning."""
+    and wrong shapes; unexpected keys, and tensors holding NaN or ±inf, are reported as warnings."""
     name = Path(ckpt.source).name
-    model = build_empty(component, ckpt.config)
+    try:
+        model = build_empty(component, ckpt.config)
+    except Exception as exc:   # the config is the only input: say which one cannot be built, and why
+        raise CheckpointError(f"{name}: its configuration does not describe a buildable {component} "
+                              f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     have = ckpt.tensors.get(component, {})
     missing = sorted(set(expected) - set(have))
     if missing:
         raise CheckpointError(f"{name}: {component} is missing {len(missing)} tensor(s): "
-                              f"{', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}")
+                              f"{', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}; the file is incomplete "
+                              "or holds another architecture: download it again")
     unexpected = sorted(set(have) - set(expected)) + ckpt.unexpected.get(component, [])
     if unexpected:
         warnings.warn(f"{name}: {component} has {len(unexpected)} tensor(s) sdlearn does not use: "
@@ -652,14 +712,36 @@ def load_component(ckpt: Checkpoint, component: str, device: torch.device | str 
     if bad:
         raise CheckpointError(f"{name}: {component} tensors of the wrong shape or dtype: {'; '.join(bad[:4])}"
                               f"{' …' if len(bad) > 4 else ''}. Is this an SD v1.x checkpoint?")
-    state = {}
+    state, sums = {}, []
     for k, shape in expected.items():
         t = have[k]()
         if t.shape != shape:
             t = t.reshape(shape)     # 1×1 conv → linear
         state[k] = t.to(device=device, dtype=dtype)
+        sums.append(state[k].sum(dtype=torch.float32))   # one pass; NaN or ±inf anywhere makes it non-finite
+    warn_nonfinite(name, component, state, have, sums)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def warn_nonfinite(name: str, component: str, state: dict[str, torch.Tensor], stored: dict[str, Getter],
+                   sums: list[torch.Tensor]) -> None:
+    """Warn naming the tensors that hold NaN or ±inf: a broken merge or conversion in the file,
+    or values too large for the dtype they were cast to (float16 ends at 65504).
+
+    Each tensor's sum was taken as it was loaded (one read, no copy, one device sync here). A
+    non-finite sum can also come from large finite values, so those tensors are checked exactly."""
+    if not sums or bool(torch.isfinite(torch.stack(sums)).all()):
+        return
+    bad = [k for k, s in zip(state, sums) if not torch.isfinite(s) and not torch.isfinite(state[k]).all()]
+    if not bad:
+        return
+    in_file = [k for k in bad if not torch.isfinite(stored[k]().float()).all()]
+    listed = ", ".join(bad[:6]) + (" …" if len(bad) > 6 else "")
+    why = ("the file holds them (a broken merge or conversion): get another copy of it" if in_file else
+           f"they overflow {str(state[bad[0]].dtype).replace('torch.', '')}: load it with dtype=torch.float32")
+    warnings.warn(f"{name}: {component} has NaN or infinite values in {len(bad)} tensor(s): {listed}; {why}. "
+                  "Pictures made with it will be black or noise", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------
