@@ -18,7 +18,8 @@ character (so a final capital sigma becomes σ, not ς); it does not run ftfy or
 OpenAI's `simple_tokenizer.py` does: `&amp;`, mojibake and full-width letters differ between the
 two, and sdlearn follows transformers. The literals `<|startoftext|>` and `<|endoftext|>`,
 written exactly so, become the special ids (matched before cleaning, as transformers' added
-tokens are); in any other case they are ordinary text.
+tokens are); in any other case they are ordinary text. A lone surrogate code point (not text:
+UTF-8 cannot encode it) is read as U+FFFD "�" with a warning; transformers raises a TypeError.
 
 The vocabulary is OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT licence, `data/LICENSE-CLIP.txt`):
 256 byte symbols, the same 256 with `</w>`, one symbol per merge (48,894), and the two specials:
@@ -51,6 +52,12 @@ _WHITESPACE = regex.compile(r"\s+")
 _PIECE = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 _SPELLED_OUT = {BOS: ("<|", "startoftext", "|>"), EOS: ("<|", "endoftext", "|>")}
 
+# Surrogate code points (U+D800–U+DFFF) are halves of UTF-16 pairs, not characters: UTF-8, and so
+# the byte-level BPE, cannot encode them. A lone one is a high half not followed by a low half,
+# or a low half not preceded by a high half.
+_SURROGATE = regex.compile(r"[\ud800-\udfff]")
+_LONE_SURROGATE = regex.compile(r"[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]")
+
 _NO_RULE = float("inf")
 _CACHE_LIMIT = 200_000                # entries per cache; cleared when full
 
@@ -67,6 +74,22 @@ def bytes_to_unicode() -> dict[int, str]:
     table = {b: chr(b) for b in keep}                         # in this order: it fixes ids 0-255
     table.update({b: chr(256 + n) for n, b in enumerate(moved)})
     return table
+
+
+def repair_surrogates(text: str) -> str:
+    """Text that UTF-8 can encode. A pair of surrogates (UTF-16 written as two code points, as in
+    "\\ud83d\\udc31") is joined into its character (🐱); a lone surrogate (broken UTF-16, or a byte
+    that Python kept undecoded with errors="surrogateescape") becomes U+FFFD "�", the Unicode
+    replacement character, with a warning naming where it was. Other text is returned as it is.
+    (transformers' tokenizer raises a TypeError on such text.)"""
+    if not _SURROGATE.search(text):
+        return text
+    lone = [f"U+{ord(m.group()):04X} at {m.start()}" for m in _LONE_SURROGATE.finditer(text)]
+    if lone:
+        warnings.warn(f"the prompt holds {len(lone)} lone surrogate code point(s), which are not text "
+                      f"({', '.join(lone[:5])}{' …' if len(lone) > 5 else ''}); each became U+FFFD '\ufffd'. "
+                      "Decode the text with errors='replace' to choose yourself", stacklevel=_caller_outside())
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def clean(text: str) -> str:
@@ -189,6 +212,7 @@ class CLIPTokenizer:
 
     def pieces(self, text: str) -> list[str]:
         """The pre-tokens of `text`: special literals whole, the rest cleaned and split."""
+        text = repair_surrogates(text)
         if "<|" not in text:                  # cleaning never creates "<|"
             return _PIECE.findall(clean(text))
         out = []
@@ -209,7 +233,7 @@ class CLIPTokenizer:
         """
         if not piece:
             raise ValueError("bpe_steps needs a non-empty piece of text")
-        symbols = [self._byte_encoder[b] for b in piece.encode("utf-8")]
+        symbols = [self._byte_encoder[b] for b in repair_surrogates(piece).encode("utf-8")]
         symbols[-1] += WORD_END
         steps = [symbols]
         while len(symbols) > 1:
@@ -252,7 +276,8 @@ class CLIPTokenizer:
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
         """text → [start, ids…, end], no padding. With `max_length`, cut to that length keeping
         the end token, and warn naming the dropped words."""
-        ids = self._ids(_check_text(text))
+        text = _check_text(text)
+        ids = self._ids(text)
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must leave room for the start and end tokens (≥ 2), got {max_length}")
         if max_length is not None and len(ids) >= max_length:
@@ -311,7 +336,7 @@ def _caller_outside() -> int:
 def _check_text(text) -> str:
     if not isinstance(text, str):
         raise TypeError(f"the tokenizer expects a string (or a list of strings), got {type(text).__name__}")
-    return text
+    return repair_surrogates(text)
 
 
 def _check_list(texts) -> list[str]:
