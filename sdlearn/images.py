@@ -31,6 +31,9 @@ def open_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{what} {path.name}: not a picture PIL can read ({exc.__class__.__name__}); "
                          "expected a PNG or JPEG file") from None
+    except Image.DecompressionBombError as exc:    # a header claiming billions of pixels
+        raise ValueError(f"{what} {path.name}: {exc.args[0].split(',')[0]}; expected a picture of a few "
+                         "megapixels at most: resize it first") from None
 
 
 def _as_pil(image, what: str) -> Image.Image | torch.Tensor:
@@ -129,7 +132,10 @@ def save_png(image: Image.Image, path: str | os.PathLike, text: dict[str, str] |
         raise FileExistsError(f"{path} already exists; choose another name or pass --force to overwrite it")
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
-        info.add_itxt(key, str(value))    # iTXt: UTF-8, so any prompt survives
+        # iTXt: UTF-8, so any prompt survives; a lone surrogate (not text, e.g. an undecodable byte
+        # of a command-line argument) becomes U+FFFD, as the tokenizer reads it (repair_surrogates).
+        value = str(value).encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        info.add_itxt(key, value)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
         umask = os.umask(0)

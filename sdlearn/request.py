@@ -175,8 +175,8 @@ def check_float(name: str, value, lo: float, hi: float, meaning: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number ({meaning}); got {value!r}")
     value = float(value)
-    if math.isnan(value) or not lo <= value <= hi:
-        bounds = f"≥ {lo}" if hi == math.inf else f"in [{lo}, {hi}]"
+    if not math.isfinite(value) or not lo <= value <= hi:
+        bounds = f"≥ {lo} and finite" if hi == math.inf else f"in [{lo}, {hi}]"
         raise ValueError(f"{name}={value} is out of range: expected a number {bounds} ({meaning})")
     return value
 
