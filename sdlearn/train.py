@@ -595,6 +595,7 @@ def export(run: str | Path, path: str | Path, *, dtype: torch.dtype | None = Non
     defaults = EXPORT_DEFAULTS if defaults is None else defaults
     save_original_checkpoint(path, models, config, dtype=dtype, extra_metadata={
         "sdlearn_training": json.dumps(training), "sdlearn_defaults": json.dumps(defaults)})
+    path.chmod(0o644)          # readable by all, like the package's other data files
     size = path.stat().st_size
     if size > max_bytes:
         raise ValueError(f"{path} is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit; "

@@ -105,6 +105,7 @@ def _initial_weights(run: Path) -> torch.Tensor:
 
 def test_export_writes_the_ema_weights_in_the_original_layout(run, tmp_path):
     path = train.export(run, tmp_path / "micro.safetensors")
+    assert path.stat().st_mode & 0o777 == 0o644
     f = SafetensorsFile(path)
     prefixes = {k.split(".")[0] for k in f.keys()}
     assert prefixes == {"model", "first_stage_model", "cond_stage_model"}
