@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from checkpoints import diffusers_unet_kwargs  # noqa: E402
 from reference import randomize_, rel_err  # noqa: E402
 
+import sdlearn.unet as unet_module  # noqa: E402
 from sdlearn.configs import UNetConfig  # noqa: E402
 from sdlearn.unet import UNet  # noqa: E402
 
@@ -37,6 +38,15 @@ def build(cfg: UNetConfig):
     ours = randomize_(ours.to_empty(device="cpu")).eval()
     ref.load_state_dict({k: v.clone() for k, v in ours.state_dict().items()}, strict=True, assign=True)
     return ours, ref.eval()
+
+
+def plain(unet, *inputs):
+    """sdlearn's UNet with only its channels-last layout: the oneDNN paths switched off."""
+    unet_module._ONEDNN_OPS = False
+    try:
+        return unet(*inputs)
+    finally:
+        unet_module._ONEDNN_OPS = True
 
 
 def profile(runs: dict, rows: int) -> None:
@@ -55,6 +65,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, help="timed calls of each (default 5, or 20 with --tiny)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one call of each")
+    parser.add_argument("--plain", action="store_true",
+                        help="also time sdlearn with its oneDNN tricks off (packed conv weights, oneDNN linears)")
     args = parser.parse_args()
 
     cfg = UNetConfig.tiny() if args.tiny else UNetConfig.sd15()
@@ -67,6 +79,8 @@ def main() -> None:
     context = torch.randn(args.batch, 77, cfg.cross_attention_dim, generator=g)
     t = torch.tensor([981] * args.batch)
     runs = {"sdlearn": lambda: ours(latents, t, context), "diffusers": lambda: ref(latents, t, context).sample}
+    if args.plain:
+        runs["sdlearn-plain"] = lambda: plain(ours, latents, t, context)
     print(f"UNet {'tiny' if args.tiny else 'SD v1.5'}, latents {args.batch}×{cfg.in_channels}×{h}×{w}, float32, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__} (built in {time.perf_counter() - t0:.0f} s)",
           flush=True)
@@ -82,15 +96,18 @@ def main() -> None:
                 t0 = time.perf_counter()
                 runs[name]()
                 times[name].append(time.perf_counter() - t0)
+            print(f"  round {r + 1}: " + ", ".join(f"{name} {ts[-1]:.3f} s" for name, ts in times.items()), flush=True)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     for name, ts in times.items():
-        print(f"  {name:10s} median {med[name]:8.3f} s   spread {min(ts):.3f}–{max(ts):.3f}   "
+        print(f"  {name:13s} median {med[name]:8.3f} s   spread {min(ts):.3f}–{max(ts):.3f}   "
               f"runs {', '.join(f'{x:.3f}' for x in ts)}")
     pair = [d / s for s, d in zip(times["sdlearn"], times["diffusers"])]
     print(f"  diffusers / sdlearn: {med['diffusers'] / med['sdlearn']:.3f} (ratio of medians), "
           f"per round median {statistics.median(pair):.3f}, range {min(pair):.3f}–{max(pair):.3f}")
     print(f"  sdlearn is {100 * (1 - med['sdlearn'] / med['diffusers']):.1f} % faster")
-    print(f"  output relative difference: {rel_err(outputs['sdlearn'], outputs['diffusers']):.2e}")
+    for name in outputs:
+        if name != "diffusers":
+            print(f"  {name} output vs diffusers: relative difference {rel_err(outputs[name], outputs['diffusers']):.2e}")
 
 
 if __name__ == "__main__":

@@ -348,8 +348,8 @@ class UNet(nn.Module):
         b, _, h, w = latents.shape
         if h % f or w % f:
             raise ValueError(f"UNet latents must have H and W divisible by {f} (it halves them "
-                             f"{len(cfg.block_out_channels) - 1} times); got {h}×{w}. For SD v1.5 that means "
-                             f"image sizes that are multiples of {8 * f} pixels, e.g. {8 * f * (h // f or 1)}.")
+                             f"{len(cfg.block_out_channels) - 1} times); got {h}×{w}. With SD's VAE (factor 8) "
+                             f"that means image sides that are multiples of {8 * f} pixels.")
         if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.cross_attention_dim:
             raise ValueError(f"UNet expects context of shape ({b}, tokens, {cfg.cross_attention_dim}) "
                              f"(batch as the latents, width = cross_attention_dim); got {tuple(context.shape)}. "

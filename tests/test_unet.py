@@ -169,6 +169,21 @@ def test_attention_capture_is_bit_identical_and_maps_are_distributions():
     assert not torch.equal(a, b)
 
 
+def test_no_attention_maps_are_computed_without_a_recorder(monkeypatch):
+    import sdlearn.attention as attention_module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("attention probabilities computed with no recorder active")
+    monkeypatch.setattr(attention_module, "attention_probs", fail)
+    cfg = UNetConfig.tiny()
+    ours, _ = models(cfg)
+    latents, context = inputs(cfg, 1, 8, 8)
+    with torch.no_grad():
+        ours(latents, 10, context)                   # the off path never builds a probability matrix
+        with pytest.raises(AssertionError, match="no recorder active"), AttentionRecorder():
+            ours(latents, 10, context)               # ... and the on path does (so the check can fail)
+
+
 def test_attention_layers_are_tagged_with_their_qualified_names():
     unet = UNet(UNetConfig.tiny())
     tags = {n: m.tag for n, m in unet.named_modules() if hasattr(m, "tag")}
