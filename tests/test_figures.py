@@ -1,0 +1,13 @@
+import pytest
+from PIL import Image
+
+from sdlearn import figures
+from sdlearn.pipeline import TINY_PATH
+
+
+@pytest.mark.skipif(not TINY_PATH.exists(), reason="the tiny model is not in this checkout")
+def test_make_figures_writes_every_png(tmp_path):
+    assert figures.main([str(tmp_path)]) == 0
+    for name in ("schedules", "tiny_samples", "attention", "filmstrip"):
+        with Image.open(tmp_path / f"{name}.png") as im:
+            assert im.width > 300 and im.height > 100
