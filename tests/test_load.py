@@ -24,7 +24,8 @@ def _same_weights(a, b) -> bool:
 @pytest.fixture(scope="module")
 def converted_folder():
     """The original file's weights, converted by diffusers and saved as a diffusers folder."""
-    folder = cache_dir("checkpoints", "converted-tiny")
+    from checkpoints import _name
+    folder = cache_dir("checkpoints", _name(TINY, 0), "converted")
     if not (folder / "model_index.json").exists():
         diffusers_from_original(TINY).save_pretrained(folder)
     return folder
