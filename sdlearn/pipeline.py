@@ -139,8 +139,9 @@ class Pipeline:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE's factor × the UNet's (64 for SD v1.5)."""
-        return self.latent_factor * self.unet.downsample_factor
+        """Image sides must be multiples of this: the VAE's factor (8). The UNet takes any latent
+        size (it rounds odd sides up on the way down and back on the way up, as diffusers does)."""
+        return self.latent_factor
 
     @property
     def native_size(self) -> tuple[int, int]:

@@ -4,7 +4,7 @@ Every argument is checked here, before the text encoder, the VAE or the UNet run
 one gets a one-line error that says what was expected, what was found and what to do:
 
     steps=0 is out of range: expected 1 ≤ steps ≤ 1000 (the number of denoising steps …)
-    height=60 is not a multiple of 64 (this model's VAE factor 8 × its UNet's 8); use 64 or 128
+    height=60 is not a multiple of 8 (the VAE's factor: one latent pixel is 8×8 image pixels); use 56 or 64
     unknown sampler 'plms'; expected one of ddpm, ddim, pndm, euler, euler_a, dpmpp_2m
 
 Sizes too large for the device are refused from an estimate of the activation memory
@@ -196,8 +196,8 @@ def check_size(pipe, height, width, batch: int, guided: bool) -> None:
     for name, v in (("height", height), ("width", width)):
         check_int(name, v, 1, 1 << 20, "an image side in pixels")
         if v % m:
-            raise ValueError(f"{name}={v} is not a multiple of {m} (this model's VAE factor {pipe.latent_factor} "
-                             f"× its UNet's {pipe.unet.downsample_factor}); use {max(m, v // m * m)} or {v // m * m + m}")
+            raise ValueError(f"{name}={v} is not a multiple of {m} (the VAE's factor: one latent pixel is "
+                             f"{m}×{m} image pixels); use {max(m, v // m * m)} or {v // m * m + m}")
     need = estimate_activation_bytes(pipe.config, batch, height, width, pipe.dtype, guided)
     free = free_memory_bytes(pipe.device)
     if free is not None and need > free:

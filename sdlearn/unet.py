@@ -201,7 +201,7 @@ class SpatialTransformer(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3×3 conv.  (B, C, H, W) → (B, C, H/2, W/2)"""
+    """Halve H and W with a stride-2 3×3 conv, padding 1.  (B, C, H, W) → (B, C, ⌈H/2⌉, ⌈W/2⌉)"""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -212,21 +212,27 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour ×2, then a 3×3 conv.  (B, C, H, W) → (B, C, 2H, 2W)"""
+    """Nearest-neighbour upsampling to `size`, then a 3×3 conv.  (B, C, h, w) → (B, C, *size)
+
+    `size` is that of the skip this output is concatenated with next: (2h, 2w) when the level
+    above had even sides, (2h − 1, …) where its stride-2 conv rounded an odd side up. Nearest
+    to an exact double is the ×2 repeat; otherwise source pixel ⌊i·h/H⌋, as diffusers'
+    `Upsample2D(output_size=…)` does.
+    """
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
 class DownBlock(nn.Module):
     """One level going down: (ResBlock [→ SpatialTransformer]) × n [→ Downsample].
 
     Every output (after each ResBlock/transformer pair and after the downsampler) is pushed on
-    `skips` for the way up. (B, C_in, H, W) → (B, C_out, H/2, W/2) (H, W if last level).
+    `skips` for the way up. (B, C_in, H, W) → (B, C_out, ⌈H/2⌉, ⌈W/2⌉) (H, W if last level).
     """
 
     def __init__(self, c_in: int, c_out: int, cfg: UNetConfig, has_attention: bool, add_downsample: bool):
@@ -268,7 +274,8 @@ class UpBlock(nn.Module):
     The skips are popped in the reverse order of the way down, so each ResBlock's input has
     C_prev + C_skip channels. Channel bookkeeping as in diffusers' `CrossAttnUpBlock2D`: the first
     ResBlock gets the level below (`c_prev`), the last one's skip comes from the level above
-    (`c_skip_last`, the input width of this level on the way down).
+    (`c_skip_last`, the input width of this level on the way down). The upsampler brings the
+    map to the size of the next skip on the stack, so odd sides round-trip exactly.
     """
 
     def __init__(self, c_prev: int, c_out: int, c_skip_last: int, cfg: UNetConfig, has_attention: bool,
@@ -287,7 +294,7 @@ class UpBlock(nn.Module):
             if self.attentions:
                 x = self.attentions[j](x, context)
         for up in self.upsamplers:
-            x = up(x)
+            x = up(x, skips[-1].shape[-2:])
         return x
 
 
@@ -296,7 +303,9 @@ class UNet(nn.Module):
 
     latents (B, in_channels, H, W), timesteps (an int or float, a 0-d tensor, or a 1-D tensor of
     length 1 or B), context (B, M, cross_attention_dim) → (B, out_channels, H, W).
-    H and W must be multiples of 2^(levels − 1) (8 for SD v1.5: 512×512 pixels are 64×64 latents).
+    Any H, W ≥ 1: each stride-2 conv rounds an odd side up, and each upsampler returns to the
+    size of the skip it meets (as diffusers' `UNet2DConditionModel` with `upsample_size`), so an
+    image side only has to be a multiple of the VAE's factor 8.
     """
 
     def __init__(self, config: UNetConfig = UNetConfig.sd15()):
@@ -324,6 +333,8 @@ class UNet(nn.Module):
 
     @property
     def downsample_factor(self) -> int:
+        """How many times smaller the deepest feature maps are than the latents (8 for SD v1.5).
+        Not a constraint on the input size: odd sides are rounded up on the way down."""
         return 2 ** (len(self.config.block_out_channels) - 1)
 
     def forward(self, latents: torch.Tensor, timesteps, context: torch.Tensor) -> torch.Tensor:
@@ -342,14 +353,12 @@ class UNet(nn.Module):
 
     def _check_inputs(self, latents: torch.Tensor, timesteps, context: torch.Tensor) -> torch.Tensor:
         """Validate shapes; return the timesteps as a 1-D tensor of length B."""
-        cfg, f = self.config, self.downsample_factor
+        cfg = self.config
         if latents.ndim != 4 or latents.shape[1] != cfg.in_channels:
             raise ValueError(f"UNet expects latents of shape (B, {cfg.in_channels}, H, W); got {tuple(latents.shape)}")
         b, _, h, w = latents.shape
-        if h % f or w % f:
-            raise ValueError(f"UNet latents must have H and W divisible by {f} (it halves them "
-                             f"{len(cfg.block_out_channels) - 1} times); got {h}×{w}. With SD's VAE (factor 8) "
-                             f"that means image sides that are multiples of {8 * f} pixels.")
+        if h == 0 or w == 0:
+            raise ValueError(f"UNet latents must have H and W of at least 1; got {h}×{w}")
         if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.cross_attention_dim:
             raise ValueError(f"UNet expects context of shape ({b}, tokens, {cfg.cross_attention_dim}) "
                              f"(batch as the latents, width = cross_attention_dim); got {tuple(context.shape)}. "

@@ -79,7 +79,7 @@ def test_bad_size_is_refused(weights, tmp_path, capsys):
     assert exit_.value.code == 2 and "expected WIDTHxHEIGHT such as 512x512; got '64'" in capsys.readouterr().err
     code, _, err = run(capsys, "generate", "a red circle", "--size", "60x64", "--weights", weights, "-o",
                        tmp_path / "a.png", *FAST)
-    assert code == 2 and "width=60 is not a multiple of 16" in err and not (tmp_path / "a.png").exists()
+    assert code == 2 and "width=60 is not a multiple of 8" in err and not (tmp_path / "a.png").exists()
     code, _, _ = run(capsys, "generate", "a red circle", "--size", "32x48", "--weights", weights, "-o",
                      tmp_path / "b.png", *FAST)
     with Image.open(tmp_path / "b.png") as img:

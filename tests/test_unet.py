@@ -117,6 +117,27 @@ def test_unet_matches_diffusers_on_non_square_latents(cfg):
     assert_matches_diffusers(cfg, 1, 20, 12, 0.5 * 999)   # fractional timestep, as Euler samplers pass
 
 
+@pytest.mark.parametrize("cfg", [UNetConfig.tiny(), THREE_LEVELS], ids=["tiny", "3levels"])
+@pytest.mark.parametrize("h, w", [(9, 13), (8, 12), (5, 3), (1, 1)])
+def test_unet_matches_diffusers_at_any_latent_size(cfg, h, w):
+    """Sides that are not multiples of 2^(levels−1): the stride-2 convs round odd sides up and the
+    upsamplers return to each skip's size (diffusers' `upsample_size`). 8×12 is even at the first
+    halving but odd (3) at the second in the 3-level config."""
+    assert_matches_diffusers(cfg, 2, h, w, torch.tensor([981, 1]))
+
+
+def test_odd_latents_round_up_on_the_way_down_and_back_on_the_way_up():
+    cfg = THREE_LEVELS
+    ours, _ = models(cfg)
+    latents, context = inputs(cfg, 1, 9, 13)
+    table = {name: (i, o) for name, i, o in ours.trace_shapes(latents, 5, context)}
+    assert table["down_blocks.0.downsamplers.0"][1][2:] == (5, 7)
+    assert table["down_blocks.1.downsamplers.0"][1][2:] == (3, 4)
+    assert table["up_blocks.0.upsamplers.0"][1][2:] == (5, 7)       # not (6, 8): the skip's size
+    assert table["up_blocks.1.upsamplers.0"][1][2:] == (9, 13)
+    assert table["conv_out"][1] == (1, 4, 9, 13)
+
+
 def test_timestep_forms_agree():
     cfg = UNetConfig.tiny()
     ours, _ = models(cfg)
@@ -216,8 +237,8 @@ def test_wrong_inputs_give_clear_errors():
     cfg = THREE_LEVELS
     unet = UNet(cfg)
     latents, context = inputs(cfg, 2, 16, 16)
-    with pytest.raises(ValueError, match=r"divisible by 4.*got 16×10"):
-        unet(latents[..., :10], 1, context)
+    with pytest.raises(ValueError, match=r"H and W of at least 1; got 16×0"):
+        unet(latents[..., :0], 1, context)
     with pytest.raises(ValueError, match=r"context of shape \(2, tokens, 48\).*got \(2, 77, 768\)"):
         unet(latents, 1, torch.zeros(2, 77, 768))
     with pytest.raises(ValueError, match=r"context of shape \(2, tokens, 48\).*got \(1, 77, 48\)"):
