@@ -3,6 +3,7 @@
     sdlearn train vae    --out runs/tiny --steps 1500      # reconstruction + small KL
     sdlearn train unet   --out runs/tiny --steps 4000      # ε-prediction, caption dropout
     sdlearn train export runs/tiny sdlearn/data/tiny.safetensors
+    sdlearn train history runs/tiny          # losses and evaluations → sdlearn/data/tiny_training_log.json
     torchrun --nproc_per_node 2 -m sdlearn.train unet --out runs/tiny    # several processes
 
 Stage 1, the VAE (Rombach et al. 2022, §3 and appendix G, without the GAN and LPIPS terms):
@@ -203,6 +204,62 @@ def read_log(out: str | Path) -> list[dict[str, Any]]:
     """The run's log.jsonl as a list of dicts (losses per log step, evaluations)."""
     path = Path(out) / "log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+TINY_HISTORY = Path(__file__).resolve().parent / "data" / "tiny_training_log.json"
+NOT_LOSSES = ("stage", "step", "grad_norm", "lr", "sec_per_step")
+
+
+def training_history(log: list[dict[str, Any]], every: int = 100) -> dict[str, Any]:
+    """A run's log (`read_log`) condensed to a few KB, to ship next to the model it trained.
+
+    Per stage: the loss terms averaged over windows of `every` steps (the window ending at step
+    s holds steps s − every + 1 … s), and the training time Σ sec_per_step · (steps since the
+    previous record) in minutes. Evaluations and VAE measurements are kept whole. A step logged
+    twice (a run resumed from a checkpoint older than its last log line) counts once: its last record.
+
+        {"every": 100, "stages": {"vae": {"step": [100, 200, …], "loss": […], "l1": […], …,
+                                          "minutes": 51.3}, "unet": {…}},
+         "measure": [{"step": 1500, "l1": …, "scaling_factor": …}, …],
+         "eval": [{"step": 1000, "guidance": {"5.0": {"colour": …, …}, "1.0": {…}}}, …]}
+    """
+    last: dict[tuple[str, int], dict[str, Any]] = {}
+    history: dict[str, Any] = {"every": every, "stages": {}, "measure": [], "eval": []}
+    for record in log:
+        if "loss" in record:
+            last[(record["stage"], record["step"])] = record
+        elif "measure" in record:
+            history["measure"].append({"step": record["step"], **record["measure"]})
+        elif "eval" in record:
+            history["eval"].append({"step": record["step"], "guidance": record["eval"]})
+    for stage in dict.fromkeys(stage for stage, _ in last):
+        records = sorted((r for (s, _), r in last.items() if s == stage), key=lambda r: r["step"])
+        names = [k for k in records[0] if k not in NOT_LOSSES]
+        windows: dict[int, list[dict[str, Any]]] = {}
+        for r in records:
+            windows.setdefault(-(-r["step"] // every) * every, []).append(r)
+        steps = [0] + [r["step"] for r in records]
+        seconds = sum(r["sec_per_step"] * (step - before) for r, step, before in zip(records, steps[1:], steps))
+        history["stages"][stage] = {"step": list(windows), **{
+            k: [round(sum(r[k] for r in rs) / len(rs), 6) for rs in windows.values()] for k in names},
+            "minutes": round(seconds / 60, 1)}
+    return history
+
+
+def write_training_history(run: str | Path, path: str | Path = TINY_HISTORY, every: int = 100) -> Path:
+    """`training_history` of the run folder's log.jsonl → a JSON file (by default the one shipped
+    with the tiny model, which the notebooks plot since run folders are not committed)."""
+    history = training_history(read_log(run), every)
+    if not history["stages"]:
+        raise FileNotFoundError(f"{Path(run) / 'log.jsonl'} holds no training records; pass the run folder")
+    path = Path(path)
+    path.write_text(json.dumps(history, separators=(",", ":")) + "\n")
+    return path
+
+
+def read_training_history(path: str | Path = TINY_HISTORY) -> dict[str, Any]:
+    """The history `write_training_history` wrote (by default the tiny model's)."""
+    return json.loads(Path(path).read_text())
 
 
 # --------------------------------------------------------------------------------- the loop
@@ -635,6 +692,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", choices=("float32", "float16"), default=None,
                    help="default: float32 if it fits in 25 MB, else float16")
     q.add_argument("--overwrite", action="store_true")
+    q = sub.add_parser("history", help="the run's log.jsonl → a compact JSON of losses and evaluations")
+    q.add_argument("run")
+    q.add_argument("path", nargs="?", default=str(TINY_HISTORY))
+    q.add_argument("--every", type=int, default=100, help="steps per averaged loss point (default 100)")
     return p
 
 
@@ -645,6 +706,10 @@ def main(argv: list[str] | None = None) -> int:
         path = export(args.run, args.path, dtype=getattr(torch, args.dtype) if args.dtype else None,
                       overwrite=args.overwrite)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        return 0
+    if args.stage == "history":
+        path = write_training_history(args.run, args.path, args.every)
+        print(f"wrote {path} ({path.stat().st_size / 1e3:.1f} kB)")
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

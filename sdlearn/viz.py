@@ -343,3 +343,41 @@ def plot_word_maps(image, word_maps, words: Sequence | None = None, *, size: flo
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+# ---- the tiny model's training and alignment (notebook 08) --------------------------------------
+
+ALIGNMENT_COLOURS = {"colour": "tab:red", "shape": "tab:blue", "position": "tab:green", "found": "tab:grey"}
+
+
+def plot_alignment(series: dict, *, xlabel: str, attributes: Sequence[str] = ("colour", "shape", "position"),
+                   title: str | None = None, size: tuple[float, float] = (6, 3), logx: bool = False):
+    """How often the analyser reads back what was asked, against a setting (guidance scale,
+    training step, …): one line per attribute (its colour) and series (its line style).
+
+    `series` maps a label to {x: scores}, scores as `shapes.score_alignment` returns them
+    (fractions), e.g. {"g = 5": {1000: {"colour": 0.92, …}, 2000: …}, "g = 1": {…}}.
+    The y axis is in percent. Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    styles = ["-", "--", ":", "-."]
+    if len(series) > len(styles):
+        raise ValueError(f"got {len(series)} series; at most {len(styles)} line styles tell them apart")
+    fig, ax = plt.subplots(figsize=size)
+    for style, (label, points) in zip(styles, series.items()):
+        xs = sorted(points)
+        for attribute in attributes:
+            ax.plot(xs, [100 * points[x][attribute] for x in xs], style, marker="o", markersize=3,
+                    color=ALIGNMENT_COLOURS.get(attribute), label=f"{attribute}, {label}" if label else attribute)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("read back (%)")
+    ax.set_ylim(0, 104)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=len(series), loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
