@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="timed calls of each (default 5, or 20 with --tiny)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one call of each")
     parser.add_argument("--plain", action="store_true",
-                        help="also time sdlearn with its oneDNN tricks off (packed conv weights, oneDNN linears)")
+                        help="also time sdlearn with its oneDNN paths off (convolutions as matrix products, oneDNN linears)")
     args = parser.parse_args()
 
     cfg = UNetConfig.tiny() if args.tiny else UNetConfig.sd15()

@@ -20,8 +20,8 @@ meta device and loaded with `assign=True`.
 
 Speed: the layers below are plain PyTorch. Three CPU-inference tricks, none of which changes a
 result beyond float32 rounding, live together at the end of the file: feature maps in
-channels-last memory (`_channels_last`), convolutions that keep oneDNN's re-laid-out copy of
-their weights (`Conv2d`), and linear layers on oneDNN rather than MKL (`Linear`). `Conv2d` and
+channels-last memory (`_channels_last`), small convolutions computed as one matrix product on
+their patches (`Conv2d`), and linear layers on oneDNN rather than MKL (`Linear`). `Conv2d` and
 `Linear` are `nn.Conv2d` and `nn.Linear` with the same parameters; read them as such.
 """
 from __future__ import annotations
@@ -407,56 +407,38 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 class Conv2d(nn.Conv2d):
-    """`nn.Conv2d` that, for inference on the CPU, keeps its weight in oneDNN's own layout.
+    """`nn.Conv2d` that, for inference on the CPU, runs small convolutions as one matrix product.
 
-    On every call oneDNN (PyTorch's CPU convolution library) first copies the weight into a
-    blocked layout of its choosing (e.g. output channels in blocks of 32). For the 1280-channel
-    convolutions of the deep levels that copy costs about as much as the convolution itself, on
-    8×8 and 16×16 maps. This class makes the copy once and reuses it while the weight is
-    unchanged: same parameters, same state dict, same results. The price is a second copy of
-    the conv weights in memory (2.2 GB at SD v1.5 size in float32); set
-    `sdlearn.unet.PACK_CONV_WEIGHTS = False` to do without. Training (autograd), other devices
-    and dtypes use the plain `nn.Conv2d`.
+    oneDNN (PyTorch's CPU convolution library) first copies the weight into a blocked layout of
+    its choosing, on every call. On 64×64 and 32×32 maps that copy is cheap next to the
+    convolution; on the deep levels' 16×16 and 8×8 maps, with 1280×1280×3×3 weights, it costs
+    two to five times the arithmetic. There the convolution is written as what it is, a matrix
+    product on the patches (im2col), which reads the weight as stored:
 
-    The copy is remade whenever the weight tensor is replaced (`load_state_dict(assign=True)`,
-    `.to()`) or changed in place (`load_state_dict`, an optimizer step). Changes made through
-    `weight.data` bypass PyTorch's version counter and are not seen: call `forget_packed()`.
+        cols[(b, y, x), (c, i, j)] = x_pad[b, c, s·y + i, s·x + j]      (B·H'·W', C_in·k·k)
+        out = cols Wᵀ + bias        W = weight viewed as (C_out, C_in·k·k): a view, no copy
+
+    used when the output has at most `MATMUL_MAX_PIXELS` pixels (B·H'·W'), and always for 1×1
+    convolutions, where cols is the channels-last map itself. No copy of the weights is kept, so
+    there is nothing to invalidate: same parameters, same state dict, same results to float32
+    rounding. Autograd, other devices and dtypes, dilation and groups use the plain `nn.Conv2d`.
     """
 
-    _packed: tuple | None = None     # (the weight it was made from, its version, the copy)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed_weight(x) if self._can_pack(x) else None
-        if packed is None:
+        if not (_onednn_inference(x, self.weight) and self.groups == 1 and self.dilation == (1, 1)
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
             return super().forward(x)
-        return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, self.padding, self.stride,
-                                                       self.dilation, self.groups, "none", [], "")
-
-    def forget_packed(self) -> None:
-        self._packed = None
-
-    def __getstate__(self):          # copy.deepcopy and pickle: leave the packed copy behind
-        state = super().__getstate__()
-        state.pop("_packed", None)
-        return state
-
-    def _can_pack(self, x: torch.Tensor) -> bool:
-        return (PACK_CONV_WEIGHTS and _onednn_inference(x, self.weight) and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str))
-
-    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if self._packed is not None:
-            source, version, packed = self._packed
-            # `source` keeps the old storage alive, so an equal address means the same storage.
-            if source.data_ptr() == w.data_ptr() and version == w._version:
-                return packed
-            self._packed = None                                    # free the stale copy first
-        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
-            list(x.shape))
-        self._packed = (w.detach(), w._version, packed)
-        return packed
+        b, _, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        if (kh, kw, sh, sw, ph, pw) != (1, 1, 1, 1, 0, 0) and b * ho * wo > MATMUL_MAX_PIXELS:
+            return super().forward(x)
+        cols = x.permute(0, 2, 3, 1)                                    # (B, H, W, C): free when channels-last
+        if (kh, kw, sh, sw) != (1, 1, 1, 1):
+            cols = F.pad(cols, (0, 0, pw, pw, ph, ph)).unfold(1, kh, sh).unfold(2, kw, sw)  # (B, H', W', C, k, k)
+        out = torch.ops.mkldnn._linear_pointwise(cols.reshape(b * ho * wo, -1), self.weight.view(self.out_channels, -1),
+                                                 self.bias, "none", [], "")
+        return out.view(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)   # (B, C_out, H', W'), channels-last
 
 
 class Linear(nn.Linear):
@@ -481,6 +463,9 @@ def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
-PACK_CONV_WEIGHTS = True
-_ONEDNN_OPS = (torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight")
-               and hasattr(torch.ops.mkldnn, "_convolution_pointwise") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+# Convolutions whose output has at most this many pixels (batch × height × width) run as a matrix
+# product. Measured on the 2-core AMD EPYC (AVX-512) this project uses, 1280→1280 3×3: 8×8 × batch 2
+# (128 pixels) 11 ms instead of 49; 16×16 × 2 (512) 38 ms instead of 68; 16×16 × 4 (1024) about
+# even; 640→640 at 32×32 × 2 (2048) 57 ms instead of 34, so larger maps keep oneDNN's convolution.
+MATMUL_MAX_PIXELS = 512
+_ONEDNN_OPS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

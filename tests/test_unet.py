@@ -249,39 +249,58 @@ def test_wrong_inputs_give_clear_errors():
         unet(latents, torch.tensor([1, 2, 3]), context)
 
 
-# --- the CPU weight cache of the convolutions (a speed trick that must never change results) ---
+# --- the CPU speed paths (they must never change a result beyond float32 rounding) --------------
 
-def test_packed_conv_equals_conv2d_and_follows_every_weight_change():
-    import copy
-
+@pytest.mark.parametrize("c_in, c_out, k, stride, padding, hw", [
+    (8, 16, 3, 1, 1, (10, 12)), (8, 16, 3, 2, 1, (9, 13)), (8, 8, 3, 2, 1, (1, 1)), (12, 4, 3, 1, 1, (5, 7)),
+    (8, 16, 1, 1, 0, (9, 13)), (8, 16, 3, 1, 0, (6, 5)), (6, 10, (1, 3), (2, 1), (0, 1), (7, 4))])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_conv_as_a_matrix_product_equals_conv2d(monkeypatch, c_in, c_out, k, stride, padding, hw, layout):
     import torch.nn.functional as F
+    import sdlearn.unet as unet_module
     from sdlearn.unet import _ONEDNN_OPS, Conv2d
     if not _ONEDNN_OPS:
-        pytest.skip("this PyTorch build has no oneDNN convolution ops")
+        pytest.skip("this PyTorch build has no oneDNN linear op")
     g = torch.Generator().manual_seed(3)
-    conv = Conv2d(8, 16, 3, stride=2, padding=1)
-    x = torch.randn(2, 8, 10, 12, generator=g).contiguous(memory_format=torch.channels_last)
+    conv = Conv2d(c_in, c_out, k, stride=stride, padding=padding)
+    x = torch.randn(2, c_in, *hw, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
 
-    def check():
-        with torch.no_grad():
-            got = conv(x)
-        assert conv._packed is not None                       # the cached path was taken
-        torch.testing.assert_close(got, F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1), rtol=1e-5, atol=1e-5)
-        return got
-
-    first = check()
+    def refuse(*args):
+        raise AssertionError("oneDNN's convolution was called")
+    monkeypatch.setattr(unet_module, "MATMUL_MAX_PIXELS", 10**9)
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", refuse)      # so the matrix-product path must run
     with torch.no_grad():
-        conv.weight.mul_(-2)                                  # in place, as an optimizer step
-    assert not torch.allclose(check(), first)
-    conv.load_state_dict({"weight": torch.randn(16, 8, 3, 3, generator=g), "bias": conv.bias.detach()})
-    check()
-    conv.load_state_dict({"weight": torch.randn(16, 8, 3, 3, generator=g), "bias": conv.bias.detach()}, assign=True)
-    check()
-    # autograd still works (and does not use the cache); a deep copy leaves the cache behind
-    y = conv(x.requires_grad_())
-    y.sum().backward()
-    assert conv.weight.grad is not None and x.grad is not None
-    assert copy.deepcopy(conv)._packed is None
+        got = conv(x)
+        want = F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=padding)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        conv.weight.mul_(-2)                                  # in place, as an optimizer step: seen at once
+        torch.testing.assert_close(conv(x), -2 * (want - conv.bias[:, None, None]) + conv.bias[:, None, None],
+                                   rtol=1e-5, atol=1e-5)
+    assert set(vars(conv)) == set(vars(Conv2d(c_in, c_out, k)))    # nothing cached on the module
+
+
+def test_conv_uses_the_matrix_product_only_on_small_maps(monkeypatch):
+    import sdlearn.unet as unet_module
+    from sdlearn.unet import _ONEDNN_OPS, Conv2d
+    if not _ONEDNN_OPS:
+        pytest.skip("this PyTorch build has no oneDNN linear op")
+    calls = []
+    original = torch.nn.Conv2d._conv_forward
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", lambda self, *a: calls.append(1) or original(self, *a))
+    monkeypatch.setattr(unet_module, "MATMUL_MAX_PIXELS", 2 * 8 * 8)
+    conv3, conv1 = Conv2d(4, 4, 3, padding=1), Conv2d(4, 4, 1)
+    with torch.no_grad():
+        conv3(torch.randn(2, 4, 8, 8))
+        assert calls == []                                   # 128 output pixels: matrix product
+        conv3(torch.randn(2, 4, 8, 9))
+        assert calls == [1]                                  # 144: oneDNN's convolution
+        conv1(torch.randn(2, 4, 64, 64))
+        assert calls == [1]                                  # 1×1: always a matrix product
+    conv3(torch.randn(2, 4, 8, 8, requires_grad=True)).sum().backward()
+    assert calls == [1, 1] and conv3.weight.grad is not None  # autograd: the plain nn.Conv2d
 
 
 def test_onednn_linear_equals_linear_and_keeps_autograd():
