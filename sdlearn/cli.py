@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what a checkpoint holds (reads headers only)")
     p.add_argument("checkpoint", help='a .safetensors/.ckpt file, a diffusers folder, "tiny" or a repo id')
     _add_generate(sub)
-    sub.add_parser("train", help="train the tiny model: sdlearn train {vae,unet,export} … (see sdlearn train -h)",
+    sub.add_parser("train", help="train the tiny model: sdlearn train {vae,unet,export,history} … (see sdlearn train -h)",
                    add_help=False)
     return parser
 
