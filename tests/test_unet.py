@@ -269,7 +269,7 @@ def test_conv_as_a_matrix_product_equals_conv2d(monkeypatch, c_in, c_out, k, str
 
     def refuse(*args):
         raise AssertionError("oneDNN's convolution was called")
-    monkeypatch.setattr(unet_module, "MATMUL_MAX_PIXELS", 10**9)
+    monkeypatch.setattr(unet_module, "MATMUL_PIXELS_PER_CHANNEL", 10**9)
     monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", refuse)      # so the matrix-product path must run
     with torch.no_grad():
         got = conv(x)
@@ -290,17 +290,32 @@ def test_conv_uses_the_matrix_product_only_on_small_maps(monkeypatch):
     calls = []
     original = torch.nn.Conv2d._conv_forward
     monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", lambda self, *a: calls.append(1) or original(self, *a))
-    monkeypatch.setattr(unet_module, "MATMUL_MAX_PIXELS", 2 * 8 * 8)
-    conv3, conv1 = Conv2d(4, 4, 3, padding=1), Conv2d(4, 4, 1)
+    monkeypatch.setattr(unet_module, "MATMUL_PIXELS_PER_CHANNEL", 0.5)
+    conv3, conv1 = Conv2d(4, 256, 3, padding=1), Conv2d(4, 4, 1)
     with torch.no_grad():
         conv3(torch.randn(2, 4, 8, 8))
-        assert calls == []                                   # 128 output pixels: matrix product
+        assert calls == []                                   # 128 output pixels ≤ 0.5 × 256: matrix product
         conv3(torch.randn(2, 4, 8, 9))
         assert calls == [1]                                  # 144: oneDNN's convolution
         conv1(torch.randn(2, 4, 64, 64))
         assert calls == [1]                                  # 1×1: always a matrix product
     conv3(torch.randn(2, 4, 8, 8, requires_grad=True)).sum().backward()
     assert calls == [1, 1] and conv3.weight.grad is not None  # autograd: the plain nn.Conv2d
+
+
+def test_fused_geglu_equals_the_formula():
+    import torch.nn.functional as F
+    from sdlearn.unet import _ONEDNN_OPS, GEGLU
+    if not _ONEDNN_OPS:
+        pytest.skip("this PyTorch build has no oneDNN linear op")
+    g = torch.Generator().manual_seed(5)
+    geglu = randomize_(GEGLU(16, 24))
+    x = torch.randn(2, 9, 16, generator=g) * 3
+    w, b = geglu.proj.weight, geglu.proj.bias
+    want = F.linear(x, w[:24], b[:24]) * F.gelu(F.linear(x, w[24:], b[24:]))     # a · GELU(b), erf GELU
+    with torch.no_grad():
+        torch.testing.assert_close(geglu(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(geglu(x), want, rtol=1e-5, atol=1e-5)             # autograd path: the formula
 
 
 def test_onednn_linear_equals_linear_and_keeps_autograd():
