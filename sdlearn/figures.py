@@ -84,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path((argv or sys.argv[1:] or ["figures"])[0])
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_grad_enabled(False)
-    schedules(out)
-    pipe = load_pipeline("tiny", device="cpu")
-    tiny_samples(out, pipe)
-    attention(out, pipe)
-    filmstrip(out, pipe)
+    with torch.no_grad():
+        schedules(out)
+        pipe = load_pipeline("tiny", device="cpu")
+        tiny_samples(out, pipe)
+        attention(out, pipe)
+        filmstrip(out, pipe)
     return 0
 
 
