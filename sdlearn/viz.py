@@ -23,7 +23,7 @@ def to_uint8(image) -> np.ndarray:
         if t.dtype != torch.uint8:
             t = (t.float().clamp(0, 1) * 255).round().to(torch.uint8)
         return t.expand(3, -1, -1).permute(1, 2, 0).numpy()
-    a = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    a = np.array(image.convert("RGB") if hasattr(image, "convert") else image)       # a writable copy
     if a.ndim != 3 or a.shape[-1] != 3:
         raise ValueError(f"expected an image array (H, W, 3), found shape {a.shape}")
     if a.dtype != np.uint8:
