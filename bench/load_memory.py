@@ -24,16 +24,18 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "bench"
 
 
-def rss_mb() -> float:
-    """Peak resident memory of this process so far (VmHWM). Not ru_maxrss: on Linux a child
-    process inherits its parent's ru_maxrss across fork + exec."""
+def rss_mb(field: str = "VmHWM") -> float:
+    """A memory figure of this process from /proc/self/status, in MiB: by default the peak resident
+    memory so far (VmHWM; not ru_maxrss: on Linux a child inherits its parent's ru_maxrss across
+    fork + exec); "RssAnon" and "RssFile" split the current resident memory into private
+    memory and pages of mapped files."""
     try:
         for line in open("/proc/self/status"):
-            if line.startswith("VmHWM"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if field == "VmHWM" else float("nan")
 
 
 def make_file(tiny: bool) -> tuple[Path, Path]:
@@ -122,7 +124,22 @@ def child(lib: str, path: str, folder: str) -> dict:
     decode(torch.randn(1, 4, max(size // 2, 8), max(size // 2, 8)))
     forward_s = time.perf_counter() - t1
     return {"lib": lib, "load_s": load_s, "forward_s": forward_s, "base_mb": base,
-            "peak_after_load_mb": load_rss, "peak_mb": rss_mb()}
+            "peak_after_load_mb": load_rss, "peak_mb": rss_mb(),
+            "anon_mb": rss_mb("RssAnon"), "file_mb": rss_mb("RssFile")}
+
+
+def measure(path: Path, folder: Path, repeats: int) -> dict[str, list[dict]]:
+    """`repeats` child runs of each library, alternating (sdlearn first, then the order reversed
+    every other round); each child's dict as `child` returns it."""
+    results: dict[str, list[dict]] = {"sdlearn": [], "diffusers": []}
+    for r in range(repeats):
+        for lib in (list(results) if r % 2 == 0 else list(reversed(results))):
+            out = subprocess.run([sys.executable, __file__, "--child", lib, str(path), str(folder)],
+                                 capture_output=True, text=True, cwd=REPO)
+            if out.returncode != 0:
+                raise SystemExit(f"{lib} run failed:\n{out.stderr[-3000:]}")
+            results[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
 
 
 def main() -> None:
@@ -137,16 +154,10 @@ def main() -> None:
     path, folder = make_file(args.tiny)
     print(f"file: {path.name} ({path.stat().st_size / 1e9:.2f} GB), float32, CPU, "
           f"{os.cpu_count()} cores; alternating, {args.repeats} runs each, fresh process per run")
-    results: dict[str, list[dict]] = {"sdlearn": [], "diffusers": []}
-    for _ in range(args.repeats):
-        for lib in results:
-            out = subprocess.run([sys.executable, __file__, "--child", lib, str(path), str(folder)],
-                                 capture_output=True, text=True, cwd=REPO)
-            if out.returncode != 0:
-                raise SystemExit(f"{lib} run failed:\n{out.stderr[-3000:]}")
-            results[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = measure(path, folder, args.repeats)
     rows = [("load time (s)", "load_s", "{:.2f}"), ("forward passes (s)", "forward_s", "{:.2f}"),
-            ("peak RSS after load (MB)", "peak_after_load_mb", "{:.0f}"), ("peak RSS overall (MB)", "peak_mb", "{:.0f}")]
+            ("peak RSS after load (MB)", "peak_after_load_mb", "{:.0f}"), ("peak RSS overall (MB)", "peak_mb", "{:.0f}"),
+            ("  at the end: private (MB)", "anon_mb", "{:.0f}"), ("  at the end: mapped files (MB)", "file_mb", "{:.0f}")]
     print(f"\n{'':<26}{'sdlearn':>16}{'diffusers':>16}{'ratio':>8}")
     for label, key, fmt in rows:
         a = [r[key] for r in results["sdlearn"]]

@@ -1,0 +1,140 @@
+"""The CPU benchmark (`make bench`): sdlearn against diffusers, float32, same weights, one table.
+
+    flock /tmp/sdlearn-heavy.lock .venv/bin/python bench/run_cpu.py            # SD v1.5 size (≈ 30 min on 2 cores)
+    flock /tmp/sdlearn-heavy.lock .venv/bin/python bench/run_cpu.py --quick    # fewer repeats (≈ 12 min)
+    .venv/bin/python bench/run_cpu.py --tiny --quick                           # tiny sizes, seconds
+    .venv/bin/python bench/run_cpu.py --only unet,vae                          # some rows only
+
+Rows (SD v1.5 size with random weights; `--tiny`: the tiny config at its own sizes):
+    unet    one UNet call, latents 2×4×64×64 (one guided step at 512×512)
+    vae     one VAE decode to 512×512
+    text    the text encoder on 2 × 77 tokens (negative + prompt)
+    image   one whole 512×512 image: 20 DDIM steps, guidance 7.5 (generate vs StableDiffusionPipeline)
+    load    load time and peak RSS, one fresh process per run (bench/load_memory.py's measurement)
+    tiny    the bundled tiny model: one 64×64 image, its default 20 DDIM steps, guidance 7.5
+
+Both libraries run the very same weight tensors: sdlearn loads a random original-layout file
+(made once by bench/load_memory.py under .cache/bench), and diffusers' models are built on the
+meta device and handed sdlearn's tensors (bench/common.py). Every row times the two alternately
+(bench/common.py: warm-up, order reversed every other round) and shows medians, spreads and
+sdlearn / diffusers ratios; the last column checks that the outputs agree.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Row, Table, alternate, diffusers_twin, machine, rel_err  # noqa: E402
+
+import load_memory  # noqa: E402
+import sdlearn  # noqa: E402
+
+PARTS = ["unet", "vae", "text", "image", "load", "tiny"]
+PROMPT, NEGATIVE = "a red circle on the left", "a blue square"
+# repeats per row: full, --quick
+REPEATS = {"unet": (7, 3), "vae": (5, 2), "text": (10, 5), "image": (3, 1), "load": (2, 1), "tiny": (10, 3)}
+
+
+def image_runs(ours, ref, size: int, steps: int, seed: int = 0):
+    """generate / StableDiffusionPipeline from the same unit noise; both return pixels in [0, 1]."""
+    f = ours.latent_factor
+    noise = torch.randn(1, 4, size // f, size // f, generator=torch.Generator().manual_seed(seed))
+    return {
+        "sdlearn": lambda: ours.generate(PROMPT, negative_prompt=NEGATIVE, steps=steps, sampler="ddim", guidance=7.5,
+                                         latents=noise, height=size, width=size, progress=False).pixels,
+        "diffusers": lambda: ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5,
+                                 latents=noise, height=size, width=size, output_type="pt").images,
+    }
+
+
+def timed_pair(runs: dict, repeats: int, label: str) -> tuple[dict[str, list[float]], dict]:
+    """Outputs of one call each (compared by the caller), then the alternating timings."""
+    with torch.inference_mode():
+        outputs = {name: run() for name, run in runs.items()}
+        times = alternate(runs, repeats, label)
+    return times, outputs
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="the tiny config at its own sizes instead of SD v1.5 (seconds)")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated rows, from {', '.join(PARTS)}")
+    ap.add_argument("--steps", type=int, default=20, help="sampler steps of the whole-image rows")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown rows {sorted(unknown)}; expected some of {', '.join(PARTS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = {part: REPEATS[part][1 if args.quick else 0] for part in PARTS}
+    size_name = "tiny config" if args.tiny else "SD v1.5 size"
+    table = Table(f"CPU, float32, {size_name}, random weights; {machine()}")
+    started = time.perf_counter()
+
+    path, folder = load_memory.make_file(args.tiny)
+    if "load" in parts:       # first, while this process holds no models (the children are measured alone)
+        print("load: child processes", file=sys.stderr, flush=True)
+        res = load_memory.measure(path, folder, reps["load"])
+        get = lambda lib, key: [r[key] for r in res[lib]]
+        table.add(Row("load the single file (fresh process)", get("sdlearn", "load_s"), get("diffusers", "load_s")))
+        table.add(Row("peak RSS: load + one pass of each model", get("sdlearn", "peak_mb"), get("diffusers", "peak_mb"),
+                      unit="MB", fmt="{:.0f}", note="VmHWM of the child"))
+
+    if {"unet", "vae", "text", "image"} & set(parts):
+        ours = sdlearn.load_pipeline(path, "cpu", torch.float32)
+        ref = diffusers_twin(ours)
+        cfg = ours.config
+        side = cfg.unet.sample_size                     # latent side: 64 for SD v1.5, 8 for tiny
+        pixels = side * ours.latent_factor
+        g = torch.Generator().manual_seed(0)
+        latents = torch.randn(2, cfg.unet.in_channels, side, side, generator=g)
+        ids = ours.tokenizer([NEGATIVE, PROMPT])
+        context = ours.text_encoder(ids).detach()
+        t = torch.tensor([981, 981])
+        z = torch.randn(1, cfg.vae.latent_channels, side, side, generator=g)
+        if "unet" in parts:
+            times, out = timed_pair({"sdlearn": lambda: ours.unet(latents, t, context),
+                                     "diffusers": lambda: ref.unet(latents, t, context).sample}, reps["unet"], "unet")
+            table.add(Row(f"UNet call, latents 2×4×{side}×{side}", times["sdlearn"], times["diffusers"],
+                          note=f"rel. diff {rel_err(out['sdlearn'], out['diffusers']):.1e}"))
+        if "vae" in parts:
+            times, out = timed_pair({"sdlearn": lambda: ours.vae.decode(z),
+                                     "diffusers": lambda: ref.vae.decode(z).sample}, reps["vae"], "vae")
+            table.add(Row(f"VAE decode to {pixels}×{pixels}", times["sdlearn"], times["diffusers"],
+                          note=f"rel. diff {rel_err(out['sdlearn'], out['diffusers']):.1e}"))
+        if "text" in parts:
+            times, out = timed_pair({"sdlearn": lambda: ours.text_encoder(ids),
+                                     "diffusers": lambda: ref.text_encoder(ids).last_hidden_state}, reps["text"], "text")
+            table.add(Row("text encoder, 2 × 77 tokens", times["sdlearn"], times["diffusers"],
+                          note=f"rel. diff {rel_err(out['sdlearn'], out['diffusers']):.1e}"))
+        if "image" in parts:
+            times, out = timed_pair(image_runs(ours, ref, pixels, args.steps), reps["image"], "image")
+            diff = (out["sdlearn"] - out["diffusers"].float()).abs().max().item()
+            table.add(Row(f"whole {pixels}×{pixels} image, {args.steps} DDIM steps, guided", times["sdlearn"],
+                          times["diffusers"], note=f"max Δpixel {diff:.1e}"))
+        del ours, ref
+
+    if "tiny" in parts:
+        ours = sdlearn.load_pipeline("tiny", "cpu", torch.float32)
+        ref = diffusers_twin(ours)
+        times, out = timed_pair(image_runs(ours, ref, 64, args.steps), reps["tiny"], "tiny")
+        diff = (out["sdlearn"] - out["diffusers"].float()).abs().max().item()
+        table.add(Row(f"tiny model: one 64×64 image, {args.steps} DDIM steps", times["sdlearn"], times["diffusers"],
+                      note=f"max Δpixel {diff:.1e}"))
+
+    text = table.render() + f"\n(took {time.perf_counter() - started:.0f} s)"
+    print(text, flush=True)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The benchmark scripts run (at tiny sizes, in seconds) and print what they promise; `pipe.compile()`
+gives the eager pipeline's images.
+
+The figures themselves are not asserted: they depend on the machine. What is asserted is that each
+table has its rows, that every ratio is a positive number, and that the outputs the scripts compare
+agree within the parity tolerances (so a benchmark can never time two different computations).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sdlearn
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+
+def _rows(table: str) -> dict[str, list[str]]:
+    """Markdown table rows by their first cell."""
+    rows = {}
+    for line in table.splitlines():
+        if line.startswith("| ") and not line.startswith("| variant") and "---" not in line:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_cpu_benchmark_tiny_prints_every_row(capsys):
+    import run_cpu
+
+    text = run_cpu.main(["--tiny", "--quick", "--steps", "2", "--threads", "1"])
+    rows = _rows(text)
+    names = list(rows)[1:]                                 # the first is the header
+    expected = ["load the single file", "peak RSS", "UNet call", "VAE decode", "text encoder", "whole 64×64 image",
+                "tiny model"]
+    for start in expected:
+        assert any(n.startswith(start) for n in names), f"no row {start!r} in\n{text}"
+    for name in names:
+        cells = rows[name]
+        ratio = float(cells[5])
+        assert 0 < ratio < 100, f"{name}: ratio {ratio}"
+        assert len(cells) == 9, f"a stray '|' in {cells}"
+        note = cells[-1]
+        if name.startswith(("UNet", "VAE", "text")):
+            m = re.search(r"rel\. diff ([0-9.e+-]+)", note)
+            assert m and float(m.group(1)) <= 1e-4, f"{name}: {note}"
+        if name.startswith(("whole", "tiny")):
+            m = re.search(r"max Δpixel ([0-9.e+-]+)", note)
+            assert m and float(m.group(1)) <= 2e-3, f"{name}: {note}"
+    assert "ratio = sdlearn / diffusers" in text
+
+
+def test_gpu_benchmark_runs_on_the_cpu_at_tiny_size(capsys):
+    import gpu
+
+    text = gpu.main(["--tiny", "--no-compile", "--steps", "2", "--repeats", "1"])
+    assert "these are not GPU figures" in capsys.readouterr().err
+    rows = _rows(text)
+    assert set(rows) == {"sdlearn", "diffusers"}, text
+    assert float(rows["diffusers"][3]) == 1.0                            # the baseline's own ratio
+    assert float(rows["sdlearn"][3]) > 0
+    assert float(rows["sdlearn"][-1]) <= 2e-3                            # same image as diffusers
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    eager = sdlearn.load_pipeline("tiny", "cpu", torch.float32)
+    again = sdlearn.load_pipeline("tiny", "cpu", torch.float32)
+    return eager, again
+
+
+def _image(pipe):
+    return pipe.generate("a red circle on the left", steps=3, seed=7, progress=False).pixels
+
+
+def test_compile_traces_the_whole_pipeline_and_keeps_the_images(tiny_pair):
+    """torch.compile's tracer (dynamo) through sdlearn's UNet and VAE decoder, with the "aot_eager"
+    backend: the traced graph runs op by op, so this checks the tracing (the oneDNN paths stepping
+    aside, no graph breaks that fail) in seconds; `test_compile_inductor` compiles for real."""
+    eager, other = tiny_pair
+    torch._dynamo.reset()
+    compiled = other.compile(backend="aot_eager")
+    assert compiled is other
+    with torch.inference_mode():
+        want, got = _image(eager), _image(compiled)
+    assert (want - got).abs().max().item() <= 2e-3
+    assert compiled.unet.state_dict().keys() == eager.unet.state_dict().keys()
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor needs a C++ compiler")
+def test_compile_inductor(tiny_pair):
+    """The real thing: inductor's generated C++ (about 35 s on 2 cores)."""
+    eager = tiny_pair[0]
+    compiled = sdlearn.load_pipeline("tiny", "cpu", torch.float32)
+    torch._dynamo.reset()
+    compiled.compile()
+    with torch.inference_mode():
+        want, got = _image(eager), _image(compiled)
+    assert (want - got).abs().max().item() <= 2e-3
+
+
+@pytest.mark.full
+def test_gpu_benchmark_compiled_variants_on_the_cpu(capsys):
+    import gpu
+
+    torch._dynamo.reset()
+    rows = _rows(gpu.main(["--tiny", "--steps", "2", "--repeats", "1"]))
+    assert set(rows) == {"sdlearn", "diffusers", "sdlearn compiled", "diffusers compiled"}
+    for cells in rows.values():
+        assert float(cells[-1]) <= 2e-3
