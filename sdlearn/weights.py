@@ -193,6 +193,26 @@ class SafetensorsFile:
             warnings.simplefilter("ignore")  # frombuffer warns about non-writable buffers; ours is COW
             return torch.frombuffer(self._map, dtype=dtype, count=info.numel, offset=offset).view(info.shape)
 
+    def sum_unmapped(self, key: str, chunk: int = 1 << 24) -> torch.Tensor:
+        """The sum of a tensor's values (in its own dtype), read with ordinary file reads rather
+        than through the map: checking a whole checkpoint for NaN/inf this way leaves its pages
+        out of this process's resident memory until the model really uses them (the VAE encoder
+        of a text-to-image run never does). `chunk` bytes at a time, through one reused buffer."""
+        info = self.header.tensors[key]
+        dtype = DTYPES[info.dtype]
+        buf = bytearray(min(chunk, max(info.nbytes, 1)))
+        sums = [torch.zeros((), dtype=dtype)]
+        with open(self.path, "rb") as f:
+            f.seek(self.header.data_start + info.begin)
+            left = info.nbytes
+            while left:
+                n = f.readinto(memoryview(buf)[:min(left, len(buf))])
+                if not n:
+                    raise CheckpointError(f"{self.path.name}: ends inside tensor {key!r}; the file is truncated")
+                sums.append(torch.frombuffer(buf, dtype=dtype, count=n // dtype.itemsize).sum())
+                left -= n
+        return torch.stack(sums).sum()
+
 
 # ----------------------------------------------------------------------------------------------
 # The original CompVis layout ↔ sdlearn (= diffusers / transformers) names
@@ -465,6 +485,20 @@ def _field_ok(v, kind: type, limit: int) -> bool:
 Getter = Callable[[], torch.Tensor]
 
 
+class _Stored:
+    """The getter of one tensor of an opened file: `get()` reads it (a view of a memory map, or
+    from a loaded pickle), `sum_unmapped()` sums it without mapping its pages when the file allows."""
+
+    def __init__(self, f, key: str):
+        self.f, self.key = f, key
+
+    def __call__(self) -> torch.Tensor:
+        return self.f[self.key]
+
+    def sum_unmapped(self) -> torch.Tensor | None:
+        return self.f.sum_unmapped(self.key) if isinstance(self.f, SafetensorsFile) else None
+
+
 @dataclass
 class Checkpoint:
     """What a source holds, with every tensor under its sdlearn name, read only when asked."""
@@ -572,7 +606,7 @@ def _open_single_file(path: Path, config: ModelConfig | None = None) -> Checkpoi
             if ours is None:
                 ckpt.unexpected.setdefault(comp, []).append(orig)
                 continue
-            _add(ckpt, comp, ours, lambda f=f, k=orig: f[k], *shapes_all[orig])
+            _add(ckpt, comp, ours, _Stored(f, orig), *shapes_all[orig])
     ckpt.other = {k: shapes_all[k][0] for k in keys if k not in used}
     return ckpt
 
@@ -642,7 +676,7 @@ def _open_diffusers_folder(folder: Path, prefer_fp16: bool = False) -> Checkpoin
             ours = k
             if comp == "text_encoder" and not k.startswith("text_model."):
                 ours = "text_model." + k      # transformers 5 saves CLIPTextModel without the prefix
-            _add(ckpt, comp, ours, lambda f=f, k=k: f[k], *_shape_dtype(f, k))
+            _add(ckpt, comp, ours, _Stored(f, k), *_shape_dtype(f, k))
     tok = folder / "tokenizer"
     if ((tok / "vocab.json").exists() and (tok / "merges.txt").exists()) or (tok / "tokenizer.json").exists():
         ckpt.tokenizer_folder = tok
@@ -718,7 +752,12 @@ def load_component(ckpt: Checkpoint, component: str, device: torch.device | str 
         if t.shape != shape:
             t = t.reshape(shape)     # 1×1 conv → linear
         state[k] = t.to(device=device, dtype=dtype)
-        sums.append(state[k].sum())      # one fast pass: NaN or ±inf anywhere makes the sum non-finite
+        # One fast pass: NaN or ±inf anywhere makes the sum non-finite. A tensor that is still a view
+        # of the file is summed from ordinary reads of it (its pages stay out of resident memory
+        # until used); a cast or moved one is summed as it now is (a float16 overflow shows there).
+        unmapped = getter.sum_unmapped() if isinstance(getter := have[k], _Stored) and \
+            state[k].data_ptr() == t.data_ptr() and state[k].device.type == "cpu" else None
+        sums.append(state[k].sum() if unmapped is None else unmapped)
     warn_nonfinite(name, component, state, have, sums)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)

@@ -54,25 +54,42 @@ def test_float16_file_is_cast_as_it_is_read():
     assert all(p.dtype == torch.float16 for p in as_half.unet.parameters())
 
 
-def _anon_rss_mb() -> float:
-    """Memory this process owns (RssAnon). Pages of the memory-mapped file that loading reads
-    (its NaN/inf check sums every tensor) are the shared page cache (RssFile), not copies."""
+def _rss_mb(field: str = "RssAnon") -> float:
+    """RssAnon: memory this process owns. RssFile: pages of mapped files it has touched (shared
+    page cache, not copies)."""
     for line in open("/proc/self/status"):
-        if line.startswith("RssAnon"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    pytest.skip("no RssAnon in /proc/self/status on this OS")
+    pytest.skip(f"no {field} in /proc/self/status on this OS")
 
 
 def test_loading_in_the_stored_dtype_copies_nothing():
     path = original_file(TINY)
     sdlearn.load_pipeline(str(path), device="cpu")          # imports and caches warmed up
     size_mb = path.stat().st_size / 2**20
-    before = _anon_rss_mb()
+    before = _rss_mb()
     pipe = sdlearn.load_pipeline(str(path), device="cpu")
-    grown = _anon_rss_mb() - before
+    grown = _rss_mb() - before
     # The weights are views of the memory-mapped file: loading copies (almost) none of them.
     assert grown < 0.25 * size_mb, f"anonymous RSS grew {grown:.1f} MB loading a {size_mb:.1f} MB file"
     assert not any(p.requires_grad for p in pipe.unet.parameters())
+
+
+def test_loading_leaves_the_file_pages_unread_until_used():
+    """The NaN/inf check reads the file with ordinary reads, not through the map: after loading,
+    (almost) none of the file's pages are resident in this process; a forward pass maps in what it
+    uses. (Mapping every page at load made peak RSS exceed diffusers', which maps lazily.)"""
+    path = original_file(TINY)
+    sdlearn.load_pipeline(str(path), device="cpu")
+    size_mb = path.stat().st_size / 2**20
+    before = _rss_mb("RssFile")
+    pipe = sdlearn.load_pipeline(str(path), device="cpu")
+    grown = _rss_mb("RssFile") - before
+    assert grown < 0.25 * size_mb, f"file-backed RSS grew {grown:.1f} MB loading a {size_mb:.1f} MB file"
+    with torch.no_grad():
+        pipe.text_encoder(pipe.tokenizer(["a red circle"]))
+        pipe.unet(torch.zeros(1, 4, 8, 8), torch.tensor([10]), torch.zeros(1, 77, pipe.config.unet.cross_attention_dim))
+    assert _rss_mb("RssFile") - before > 0.25 * size_mb         # the forward passes did read the weights
 
 
 def test_meta_device_build_has_no_storage():
@@ -112,9 +129,9 @@ def _fake_hub_cache(root, repo_id: str, folder) -> None:
 
 
 def test_repo_id_loads_from_the_cache_offline(monkeypatch, tmp_path, converted_folder):
-    hub = pytest.importorskip("huggingface_hub")
+    constants = pytest.importorskip("huggingface_hub.constants")   # a submodule: import it by name
     _fake_hub_cache(tmp_path, "someone/tiny-sd", converted_folder)
-    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = sdlearn.load_pipeline("someone/tiny-sd", device="cpu")
     ref = sdlearn.load_pipeline(str(converted_folder), device="cpu")
@@ -122,8 +139,8 @@ def test_repo_id_loads_from_the_cache_offline(monkeypatch, tmp_path, converted_f
 
 
 def test_repo_id_not_in_cache_while_offline_fails_clearly(monkeypatch, tmp_path):
-    hub = pytest.importorskip("huggingface_hub")
-    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    constants = pytest.importorskip("huggingface_hub.constants")   # a submodule: import it by name
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
         sdlearn.load_pipeline("someone/not-cached")
