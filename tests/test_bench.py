@@ -115,3 +115,16 @@ def test_gpu_benchmark_compiled_variants_on_the_cpu(capsys):
     assert set(rows) == {"sdlearn", "diffusers", "sdlearn compiled", "diffusers compiled"}
     for cells in rows.values():
         assert float(cells[-1]) <= 2e-3
+
+
+def test_unet_ablation_switches_each_speed_path(capsys):
+    """bench/unet_ablation.py patches sdlearn's speed paths off one by one: with all of them off the
+    UNet must compute exactly what diffusers' does (the same operations), and every variant must
+    stay within the parity tolerance."""
+    import unet_ablation
+
+    rows = _rows(unet_ablation.main(["--tiny", "--repeats", "1"]))
+    assert list(rows) == unet_ablation.NAMES + ["diffusers"]
+    errors = {name: float(cells[-1]) for name, cells in rows.items()}
+    assert errors["plain layers, NCHW"] <= 1e-6
+    assert max(errors.values()) <= 1e-4

@@ -1,0 +1,106 @@
+"""What each of the UNet's CPU speed paths is worth: one UNet call with them switched on one at a
+time, against diffusers' UNet, in the same process, alternately.
+
+    flock /tmp/sdlearn-heavy.lock .venv/bin/python bench/unet_ablation.py     # SD v1.5, 64×64 latents, batch 2
+    .venv/bin/python bench/unet_ablation.py --tiny                             # seconds
+
+Variants (each adds one thing to the one above; sdlearn/unet.py's "Speed" section):
+    plain layers, NCHW        the same PyTorch operations as diffusers, SDPA attention
+    + channels-last           feature maps kept channels-last (`_channels_last`)
+    + oneDNN linear           linear layers through oneDNN instead of the BLAS library (`Linear`)
+    + small convs as matmul   3×3 convs on small maps and all 1×1 convs as one oneDNN matrix product (`Conv2d`)
+    + fused GEGLU             GEGLU as two oneDNN products with the GELU fused in (`_geglu_onednn`): sdlearn as shipped
+The switches are module attributes patched for the duration of a call; nothing else changes.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import alternate, machine, rel_err, spread  # noqa: E402
+from unet_cpu import build  # noqa: E402
+
+import sdlearn.unet as U  # noqa: E402
+from sdlearn.configs import UNetConfig  # noqa: E402
+
+
+def _geglu_unfused(x, weight, bias):
+    a, b = U.Linear.forward(_Holder(weight, bias), x).chunk(2, dim=-1)
+    return a * F.gelu(b)
+
+
+class _Holder:
+    """Just enough of an nn.Linear for `Linear.forward` (oneDNN, or plain when it is switched off)."""
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
+
+
+@contextlib.contextmanager
+def switches(level: int):
+    """level 0: nothing; 1: + channels-last; 2: + oneDNN linear; 3: + matmul convs; 4: + fused GEGLU."""
+    saved = (U._channels_last, U.Linear.forward, U.Conv2d.forward, U._geglu_onednn)
+    try:
+        if level < 1:
+            U._channels_last = lambda x: x
+        if level < 2:
+            U.Linear.forward = nn.Linear.forward
+        if level < 3:
+            U.Conv2d.forward = nn.Conv2d.forward
+        if level < 4:
+            U._geglu_onednn = _geglu_unfused
+        yield
+    finally:
+        U._channels_last, U.Linear.forward, U.Conv2d.forward, U._geglu_onednn = saved
+
+
+NAMES = ["plain layers, NCHW", "+ channels-last", "+ oneDNN linear", "+ small convs as matmul",
+         "+ fused GEGLU (as shipped)"]
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="the tiny config (seconds)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    cfg = UNetConfig.tiny() if args.tiny else UNetConfig.sd15()
+    ours, ref = build(cfg)
+    side = cfg.sample_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, side, side, generator=g)
+    t = torch.tensor([981, 981])
+    ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
+
+    def variant(level: int):
+        def run():
+            with switches(level):
+                return ours(x, t, ctx)
+        return run
+
+    runs = {name: variant(level) for level, name in enumerate(NAMES)}
+    runs["diffusers"] = lambda: ref(x, t, ctx).sample
+    with torch.inference_mode():
+        want = runs["diffusers"]()
+        errors = {name: rel_err(run(), want) for name, run in runs.items()}
+        times = alternate(runs, args.repeats, "ablation")
+    base = statistics.median(times["diffusers"])
+    lines = [f"UNet call, {'tiny' if args.tiny else 'SD v1.5'} size, latents 2×{cfg.in_channels}×{side}×{side}, "
+             f"float32, CPU; {machine()}",
+             "| variant | median | spread | / diffusers | rel. diff vs diffusers |", "|---|---|---|---|---|"]
+    for name in runs:
+        med = statistics.median(times[name])
+        lines.append(f"| {name} | {med:.4f} s | {spread(times[name], '{:.4f}')} | {med / base:.2f} | {errors[name]:.1e} |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+if __name__ == "__main__":
+    main()
