@@ -256,6 +256,7 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.tile: int | None = None    # decode in tiles of this many latent pixels (None: whole)
         tag_attention_layers(self)
 
     @property
@@ -270,21 +271,33 @@ class AutoencoderKL(nn.Module):
                              f"got {tuple(images.shape)}. Resize or crop the images to a multiple of {f}.")
         return DiagonalGaussian(self.quant_conv(self.encoder(images)))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """z (B, 4, h, w) in the VAE's scale (diffusion latents / scaling_factor) → (B, 3, 8h, 8w) in about [-1, 1].
 
         In float16 the decoder can overflow to inf/NaN (large activations in the last levels).
         When that happens the decode is repeated with float32 copies of the weights (the model
         itself stays float16) and the float32 result is returned, with a warning.
+
+        `tile` (default: `self.tile`, None = off) decodes latents larger than tile × tile in
+        overlapping tiles of that many latent pixels and blends the seams (see `_decode_tiled`):
+        memory then grows with the tile, not the image — for pictures larger than 512×512 on a
+        small GPU. `pipe.vae.tile = 64` turns it on for every decode of a pipeline.
         """
         c = self.config.latent_channels
         if z.ndim != 4 or z.shape[1] != c:
             raise ValueError(f"VAE.decode expects latents of shape (B, {c}, h, w); got {tuple(z.shape)}")
-        images = self._decode(z)
+        tile = self.tile if tile is None else tile
+        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 4 or tile % 4):
+            # A multiple of 4: the ¾-tile step and the ¼-tile overlap are then whole, and the tiles
+            # add up to the image exactly (diffusers' tiling returns a wrong size otherwise).
+            raise ValueError(f"VAE.decode: tile must be a positive multiple of 4 latent pixels (64 decodes SD "
+                             f"v1.5 images in 512×512-pixel tiles), or None for no tiling; got {tile!r}")
+        tiled = tile is not None and max(z.shape[-2:]) > tile
+        images = self._decode_tiled(z, tile) if tiled else self._decode(z)
         if images.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(images).all():
             warnings.warn(f"VAE decode in {images.dtype} gave inf/NaN; decoding again in float32", RuntimeWarning,
                           stacklevel=2)
-            images = self._decode_float32(z)
+            images = self._decode_tiled(z, tile, self._decode_float32) if tiled else self._decode_float32(z)
         return images
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -296,6 +309,33 @@ class AutoencoderKL(nn.Module):
             h = functional_call(self.post_quant_conv, float32(self.post_quant_conv), (z.float(),))
             return functional_call(self.decoder, float32(self.decoder), (h,))
 
+    def _decode_tiled(self, z: torch.Tensor, tile: int, decode=None) -> torch.Tensor:
+        """Decode tile × tile latent windows, a quarter of a tile overlapping, and cross-fade them.
+
+        Windows start every ¾ tile; each is decoded alone, then blended into its upper and left
+        neighbours' decoded images with linear ramps over the overlap (¼ tile · 8 pixels), in
+        place, row by row (so a tile's left neighbour is already blended with the row above),
+        and the first ¾ of each tile is kept. This is diffusers' `tiled_decode` (`enable_tiling()`)
+        step for step, and gives its result. It is not the whole-image decode: every tile's
+        GroupNorm normalises by that tile's own statistics, so colours can shift slightly from
+        tile to tile; the cross-fades hide the seams.
+        """
+        decode = decode or self._decode
+        f = self.config.downsample_factor
+        step, blend = int(tile * 0.75), int(tile * f * 0.25)
+        keep = tile * f - blend
+        rows = [[decode(z[:, :, i:i + tile, j:j + tile]) for j in range(0, z.shape[3], step)]
+                for i in range(0, z.shape[2], step)]
+        out = []
+        for i, row in enumerate(rows):
+            for j, t in enumerate(row):
+                if i > 0:
+                    _cross_fade(rows[i - 1][j], t, blend, dim=2)
+                if j > 0:
+                    _cross_fade(row[j - 1], t, blend, dim=3)
+            out.append(torch.cat([t[:, :, :keep, :keep] for t in row], dim=3))
+        return torch.cat(out, dim=2)
+
     def forward(self, images: torch.Tensor, sample: bool = True,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
         """The reconstruction path used in training: x → q(z | x) → z → x̂.
@@ -306,3 +346,15 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(images)
         z = posterior.sample(generator) if sample else posterior.mode()
         return self._decode(z), posterior
+
+
+def _cross_fade(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
+    """Blend the start of `b` along `dim` with the end of `a`, in place: row y of the overlap becomes
+    a·(1 − y/n) + b·(y/n). The weights are rounded from float64 as Python numbers would be."""
+    n = min(a.shape[dim], b.shape[dim], extent)
+    shape = [1, 1, 1, 1]
+    shape[dim] = n
+    w_b = torch.tensor([y / n for y in range(n)], dtype=b.dtype, device=b.device).view(shape)
+    w_a = torch.tensor([1 - y / n for y in range(n)], dtype=b.dtype, device=b.device).view(shape)
+    head, tail = b.narrow(dim, 0, n), a.narrow(dim, a.shape[dim] - n, n)
+    head.copy_(tail * w_a + head * w_b)

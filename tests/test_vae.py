@@ -205,21 +205,23 @@ def test_original_compvis_checkpoint_loads_and_matches_ldm():
         assert rel_err(vae.decode(z), parts["decoder"](parts["post_quant_conv"](z))) <= TOL
 
 
-def test_float16_decode_overflow_falls_back_to_float32(tiny):
+@pytest.mark.parametrize("tile", [None, 4])
+def test_float16_decode_overflow_falls_back_to_float32(tiny, tile):
     _, ref = tiny
     model = AutoencoderKL(VAEConfig.tiny())
     sd = {k: v.clone() for k, v in ref.state_dict().items()}
     sd["decoder.conv_out.weight"] *= 1e5      # outputs around 1e5: inf in float16 (max 65504)
     sd["decoder.conv_out.bias"] *= 1e5
     model.load_state_dict(sd)
-    want = model.decode(torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)))
+    side = 4 if tile is None else 10          # tiled: 4×4 windows every 3 latents
+    want = model.decode(torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0)), tile=tile)
     assert want.abs().max() > 7e4
 
     model.half()
-    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)).half()
+    z = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0)).half()
     assert not torch.isfinite(model._decode(z)).all()        # the plain float16 decode overflows
     with pytest.warns(RuntimeWarning, match="decoding again in float32"):
-        got = model.decode(z)
+        got = model.decode(z, tile=tile)
     assert torch.isfinite(got).all() and got.dtype == torch.float32
     assert rel_err(got, want) < 1e-2                         # z was rounded to float16 on the way
     assert all(p.dtype == torch.float16 for p in model.parameters())   # the model stays float16
@@ -234,3 +236,73 @@ def test_float16_decode_without_overflow_stays_float16_and_quiet(tiny):
         warnings.simplefilter("error")
         out = model.decode(torch.randn(1, 4, 4, 4).half())
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+# -- decoding in tiles ----------------------------------------------------------------------------
+
+def _diffusers_tiled(ref, z, tile: int):
+    """diffusers' own tiled decode (`enable_tiling()`), with tiles of `tile` latent pixels."""
+    ref.enable_tiling()
+    ref.tile_latent_min_size, ref.tile_sample_min_size = tile, tile * 8
+    try:
+        return ref.decode(z).sample
+    finally:
+        ref.disable_tiling()
+
+
+@pytest.mark.parametrize("h, w, tile", [(16, 24, 8), (12, 12, 8), (20, 9, 4), (13, 30, 12)])
+def test_tiled_decode_equals_diffusers_tiled_decode(tiny, h, w, tile):
+    ours, ref = tiny
+    z = torch.randn(2, 4, h, w, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = ours.decode(z, tile=tile), _diffusers_tiled(ref, z, tile)
+        whole = ours.decode(z)
+    assert got.shape == want.shape == whole.shape == (2, 3, 8 * h, 8 * w)
+    assert rel_err(got, want) <= 1e-5          # float rounding: each tile decode is (as whole decodes are)
+    assert not torch.equal(got, whole)          # tiles really were decoded apart (GroupNorm sees one tile)
+
+
+def test_tiling_is_a_no_op_when_one_tile_covers_the_latents(tiny):
+    ours, _ = tiny
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(ours.decode(z, tile=8), ours.decode(z))
+        ours.tile = 8                            # the attribute a pipeline sets: the same
+        try:
+            assert torch.equal(ours.decode(z), ours.decode(z, tile=None))
+        finally:
+            ours.tile = None
+
+
+def test_tile_attribute_turns_tiling_on_for_every_decode(tiny):
+    ours, ref = tiny
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = _diffusers_tiled(ref, z, 8)
+        ours.tile = 8
+        try:
+            got = ours.decode(z)
+        finally:
+            ours.tile = None
+    assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("tile", [0, 3, 6, -8, 2.5, "64", True])
+def test_bad_tile_sizes_are_refused_clearly(tiny, tile):
+    ours, _ = tiny
+    with pytest.raises(ValueError, match="tile"):
+        ours.decode(torch.zeros(1, 4, 16, 16), tile=tile)
+
+
+def test_a_pipeline_decodes_in_tiles_when_its_vae_says_so():
+    import sdlearn
+    pipe = sdlearn.load_pipeline("tiny", "cpu", torch.float32)
+    whole = pipe.generate("a red circle", height=128, width=96, steps=2, seed=1, progress=False)
+    pipe.vae.tile = 8
+    calls = []
+    pipe.vae.decoder.register_forward_hook(lambda mod, args, out: calls.append(tuple(args[0].shape)))
+    tiled = pipe.generate("a red circle", height=128, width=96, steps=2, seed=1, progress=False)
+    assert tiled.pixels.shape == whole.pixels.shape == (1, 3, 128, 96)
+    assert torch.equal(tiled.latents, whole.latents)             # only the decode changed
+    assert len(calls) == 3 * 2 and max(s[-1] for s in calls) == 8  # 16×12 latents in 8×8 windows every 6
+    assert torch.isfinite(tiled.pixels).all() and not torch.equal(tiled.pixels, whole.pixels)
