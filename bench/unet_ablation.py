@@ -3,6 +3,7 @@ time, against diffusers' UNet, in the same process, alternately.
 
     flock /tmp/sdlearn-heavy.lock .venv/bin/python bench/unet_ablation.py     # SD v1.5, 64×64 latents, batch 2
     .venv/bin/python bench/unet_ablation.py --tiny                             # seconds
+    .venv/bin/python bench/unet_ablation.py --profile     # torch.profiler's top ops: sdlearn, then diffusers
 
 Variants (each adds one thing to the one above; sdlearn/unet.py's "Speed" section):
     plain layers, NCHW        the same PyTorch operations as diffusers, SDPA attention
@@ -25,11 +26,38 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, rel_err, spread  # noqa: E402
-from unet_cpu import build  # noqa: E402
+from common import REPO, alternate, machine, rel_err, spread  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tests"))
+from checkpoints import diffusers_unet_kwargs  # noqa: E402
+from reference import randomize_  # noqa: E402
 
 import sdlearn.unet as U  # noqa: E402
 from sdlearn.configs import UNetConfig  # noqa: E402
+
+
+def build(cfg: UNetConfig):
+    """(sdlearn's UNet, diffusers') with the same random weights (every parameter randomised);
+    built on the meta device, so the slow default initialisation of 860 M parameters is skipped."""
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):
+        ours = U.UNet(cfg)
+        ref = UNet2DConditionModel(**diffusers_unet_kwargs(cfg))
+    ours = randomize_(ours.to_empty(device="cpu")).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True, assign=True)    # the same tensors, no copy
+    return ours, ref.eval()
+
+
+def profile(runs: dict, rows: int = 25) -> str:
+    """torch.profiler's table of the ops that took the most time in one call of each run."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    tables = []
+    for name, run in runs.items():
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+        tables.append(f"=== {name} ===\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    return "\n\n".join(tables)
 
 
 def _geglu_unfused(x, weight, bias):
@@ -69,6 +97,8 @@ def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="the tiny config (seconds)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of timing: the top ops of one call of sdlearn (as shipped) and of diffusers")
     args = ap.parse_args(argv)
     cfg = UNetConfig.tiny() if args.tiny else UNetConfig.sd15()
     ours, ref = build(cfg)
@@ -87,6 +117,12 @@ def main(argv: list[str] | None = None) -> str:
     runs = {name: variant(level) for level, name in enumerate(NAMES)}
     runs["diffusers"] = lambda: ref(x, t, ctx).sample
     with torch.inference_mode():
+        if args.profile:
+            for run in runs.values():              # warm-up: oneDNN builds its kernels on the first call
+                run()
+            text = profile({"sdlearn": runs[NAMES[-1]], "diffusers": runs["diffusers"]})
+            print(text, flush=True)
+            return text
         want = runs["diffusers"]()
         errors = {name: rel_err(run(), want) for name, run in runs.items()}
         times = alternate(runs, args.repeats, "ablation")

@@ -18,11 +18,12 @@ so a diffusers `unet/` state dict loads with `load_state_dict(strict=True)`. The
 buffers: the sinusoidal frequencies are computed in `forward`, so the model can be built on the
 meta device and loaded with `assign=True`.
 
-Speed: the layers below are plain PyTorch. Three CPU-inference tricks, none of which changes a
+Speed: the layers below are plain PyTorch. Four CPU-inference tricks, none of which changes a
 result beyond float32 rounding, live together at the end of the file: feature maps in
 channels-last memory (`_channels_last`), small convolutions computed as one matrix product on
-their patches (`Conv2d`), and linear layers on oneDNN rather than MKL (`Linear`). `Conv2d` and
-`Linear` are `nn.Conv2d` and `nn.Linear` with the same parameters; read them as such.
+their patches (`Conv2d`), linear layers on oneDNN rather than MKL (`Linear`), and GEGLU's GELU
+fused into its matrix product (`_geglu_onednn`). `Conv2d` and `Linear` are `nn.Conv2d` and
+`nn.Linear` with the same parameters; read them as such. bench/unet_ablation.py measures each.
 """
 from __future__ import annotations
 

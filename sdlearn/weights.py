@@ -486,8 +486,9 @@ Getter = Callable[[], torch.Tensor]
 
 
 class _Stored:
-    """The getter of one tensor of an opened file: `get()` reads it (a view of a memory map, or
-    from a loaded pickle), `sum_unmapped()` sums it without mapping its pages when the file allows."""
+    """The getter of one tensor of an opened file: calling it gives the tensor (a view of the
+    memory map, or from a loaded pickle); `sum_unmapped()` sums it without mapping its pages, for
+    safetensors files (None for others)."""
 
     def __init__(self, f, key: str):
         self.f, self.key = f, key
@@ -752,12 +753,13 @@ def load_component(ckpt: Checkpoint, component: str, device: torch.device | str 
         if t.shape != shape:
             t = t.reshape(shape)     # 1×1 conv → linear
         state[k] = t.to(device=device, dtype=dtype)
-        # One fast pass: NaN or ±inf anywhere makes the sum non-finite. A tensor that is still a view
-        # of the file is summed from ordinary reads of it (its pages stay out of resident memory
-        # until used); a cast or moved one is summed as it now is (a float16 overflow shows there).
-        unmapped = getter.sum_unmapped() if isinstance(getter := have[k], _Stored) and \
-            state[k].data_ptr() == t.data_ptr() and state[k].device.type == "cpu" else None
-        sums.append(state[k].sum() if unmapped is None else unmapped)
+        # One fast pass: NaN or ±inf anywhere makes the sum non-finite. A tensor that is still the
+        # file's bytes is summed from ordinary reads of the file (its pages stay out of resident
+        # memory until a model uses them); a cast or moved one is summed as it now is (a float16
+        # overflow shows there).
+        as_stored = state[k].data_ptr() == t.data_ptr()
+        from_file = have[k].sum_unmapped() if as_stored and isinstance(have[k], _Stored) else None
+        sums.append(state[k].sum() if from_file is None else from_file)
     warn_nonfinite(name, component, state, have, sums)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)

@@ -128,3 +128,12 @@ def test_unet_ablation_switches_each_speed_path(capsys):
     errors = {name: float(cells[-1]) for name, cells in rows.items()}
     assert errors["plain layers, NCHW"] <= 1e-6
     assert max(errors.values()) <= 1e-4
+
+
+def test_unet_ablation_profiles_one_call_of_each(capsys):
+    import unet_ablation
+
+    text = unet_ablation.main(["--tiny", "--profile"])
+    assert "=== sdlearn ===" in text and "=== diffusers ===" in text
+    ours = text.split("=== diffusers ===")[0]
+    assert "mkldnn::_linear_pointwise" in ours                 # the oneDNN paths are what runs
