@@ -1,55 +1,72 @@
 # sdlearn — every target sets up what it needs in .venv first.
-#   make lab        open the notebooks in JupyterLab
-#   make test       unit + tiny-size parity tests + every notebook (nbval)
+#   make test       unit + tiny-size parity tests + every notebook (nbval); installs the test set
+#   make lab        open the notebooks in JupyterLab (a server: it runs until you stop it, Ctrl-C)
 #   make test-full  the above plus the slow full-size SD v1.5 parity tests
 #   make notebooks  execute every notebook in place (commit them executed)
 #   make figures    regenerate figures/*.png from the package
 #   make bench      CPU benchmarks against diffusers
-# TORCH pins the torch build, e.g. `make test TORCH=torch==2.13.0` (what .ci/run does).
+#
+# PyTorch is installed first, on its own, so you choose the build:
+#   TORCH        what to ask pip for (default: torch). CI: TORCH=torch==2.13.0 (a local CPU wheel)
+#   TORCH_INDEX  a package index for it, passed to pip as --index-url; the CPU-only build:
+#                make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Without TORCH_INDEX, `pip install torch` on Linux fetches the CUDA build (several GB).
 
-PYTHON ?= python3
-VENV   ?= .venv
-TORCH  ?= torch
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.sdlearn-installed
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH       ?= torch
+TORCH_INDEX ?=
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
 
 NBVAL  := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: install lab test test-full notebooks figures bench clean
+.PHONY: install install-notebooks install-test lab test test-full notebooks figures bench clean
 
-install: $(STAMP)
+install: install-test
+install-notebooks: $(VENV)/.sdlearn-notebooks
+install-test: $(VENV)/.sdlearn-test
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install "$(TORCH)"
-	$(PY) -m pip install -e ".[dev]"
-	$(PY) -m pip install --no-deps "stable-diffusion-sdkit==2.1.5"
+$(VENV)/.sdlearn-torch: | $(PY)
+	$(PIP) install --upgrade pip
+	$(PIP) install $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH)"
+	touch $@
+
+# The notebook set: sdlearn, JupyterLab, ipywidgets.
+$(VENV)/.sdlearn-notebooks: pyproject.toml $(VENV)/.sdlearn-torch
+	$(PIP) install -e ".[notebooks]"
+	touch $@
+
+# The test set adds the reference implementations (diffusers, transformers, the CompVis code).
+$(VENV)/.sdlearn-test: pyproject.toml $(VENV)/.sdlearn-torch
+	$(PIP) install -e ".[test]"
+	$(PIP) install --no-deps "stable-diffusion-sdkit==2.1.5"
 	touch $@
 
 ROOTFLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-lab: install
+lab: install-notebooks
 	$(VENV)/bin/jupyter lab $(ROOTFLAG) notebooks/
 
 # pytest exits with 5 when it collects no tests; that is not a failure of the code.
-test: install
+test: install-test
 	$(PYTEST) -m "not full" $(NBVAL) tests notebooks; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
-test-full: install
+test-full: install-test
 	$(PYTEST) $(NBVAL) tests notebooks; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
-notebooks: install
+notebooks: install-notebooks
 	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=1800 notebooks/*.ipynb
 
-figures: install
+figures: install-notebooks
 	$(PY) -m sdlearn.figures figures
 
-bench: install
+bench: install-test
 	$(PY) bench/run_cpu.py
 
 clean:

@@ -30,7 +30,7 @@ def _size(nbytes: int) -> str:
 
 def info(source: str) -> str:
     """The report `sdlearn info` prints, as text. Reads headers only."""
-    from .pipeline import resolve_source
+    from .pipeline import read_vocabulary, resolve_source
 
     ckpt = open_checkpoint(resolve_source(source))
     layout = {"original": "original CompVis single file", "diffusers": "diffusers folder"}[ckpt.layout]
@@ -45,6 +45,13 @@ def info(source: str) -> str:
         lines.append(f"{'(other)':<14}{len(ckpt.other):>8}  not loaded: {', '.join(sorted(ckpt.other)[:3])}"
                      f"{' …' if len(ckpt.other) > 3 else ''}")
     lines.append(f"{'total':<14}{'':>8}{'':>12}  {'':<10}{_size(total):>10}")
+    vocabulary = read_vocabulary(ckpt.metadata, Path(ckpt.source).name)
+    if vocabulary is not None:
+        side = ckpt.config.unet.sample_size * ckpt.config.vae.downsample_factor
+        lines += ["", f"This model knows only the grammar it was trained on, at {side}×{side} pixels:"]
+        lines += [f"  {g}" for g in vocabulary["grammar"]]
+        lines.append(f"  words: {', '.join(vocabulary['words'])}")
+        lines.append("Other words and sizes give colourful nonsense (generate warns).")
     return "\n".join(lines)
 
 
@@ -119,7 +126,7 @@ def generate(args) -> list[Path]:
         kwargs["strength"] = args.strength
     result = pipe.generate(args.prompt, negative_prompt=args.negative, num_images=args.n, steps=args.steps,
                            guidance=args.guidance, sampler=args.sampler, seed=seed, height=height, width=width,
-                           progress=not args.quiet, **kwargs)
+                           steps_offset=args.steps_offset, progress=not args.quiet, **kwargs)
     for i, (img, path) in enumerate(zip(result.images, paths)):
         save_png(img, path, png_text(result.settings, i, args.n, args), overwrite=args.force)
     return paths
@@ -134,6 +141,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--sampler", default=None, help="ddpm, ddim, pndm, euler, euler_a or dpmpp_2m (default: the model's)")
+    p.add_argument("--steps-offset", type=int, default=None, metavar="K",
+                   help="added to every timestep (default: SD v1.5's 1); --steps 1000 needs 0")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, in the file name)")
     p.add_argument("--size", type=parse_size, default=None, metavar="WxH", help="e.g. 512x512 (default: the model's)")
     p.add_argument("--weights", default=None, metavar="SOURCE",

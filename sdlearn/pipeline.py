@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -123,7 +124,9 @@ class Pipeline:
     config: ModelConfig
     source: str = ""
     defaults: dict = field(default_factory=dict)   # {"sampler", "steps"} from the checkpoint, if any
+    vocabulary: dict | None = None     # {"words", "grammar"} for a model trained on a closed grammar (tiny)
     _preview: object = field(default=None, init=False, repr=False)
+    _warned: set = field(default_factory=set, init=False, repr=False)
 
     def __repr__(self) -> str:
         params = {c: sum(p.numel() for p in getattr(self, c).parameters()) / 1e6 for c in COMPONENTS}
@@ -156,6 +159,29 @@ class Pipeline:
     @property
     def default_steps(self) -> int:
         return self.defaults.get("steps", SD15_DEFAULTS["steps"])
+
+    def warn_outside_training(self, texts: list[str], height: int, width: int) -> None:
+        """For a model that knows only a small grammar (the tiny model: `vocabulary` from its
+        metadata), warn once per word it never saw and once per size other than its own: it
+        draws colourful nonsense for them, without an error. Models without a declared
+        vocabulary (SD v1.5) are never checked."""
+        if self.vocabulary is None:
+            return
+        known = set(self.vocabulary["words"])
+        native = "×".join(map(str, self.native_size))
+        unknown = sorted({w for t in texts for w in re.findall(r"[a-z]+", t.lower())} - known - self._warned)
+        if unknown:
+            self._warned.update(unknown)
+            words = ", ".join(repr(w) for w in unknown)
+            warnings.warn(f"{Path(self.source).name or self.source}: this model was trained only on captions of its "
+                          f"shapes grammar ({len(known)} words) at {native}; it never saw {words} and will draw "
+                          f"nonsense for {'them' if len(unknown) > 1 else 'it'}. It knows prompts such as "
+                          f"{self.vocabulary['grammar'][0]!r} (`sdlearn info {self.source}` lists them)", stacklevel=4)
+        if (height, width) != self.native_size and (height, width) not in self._warned:
+            self._warned.add((height, width))
+            warnings.warn(f"{width}×{height} is not this model's size: it was trained on {native} pictures only, "
+                          f"and other sizes come out as colourful nonsense; use height={self.native_size[0]}, "
+                          f"width={self.native_size[1]}", stacklevel=4)
 
     @property
     def latent_preview(self):
@@ -205,7 +231,8 @@ class Pipeline:
                  seed: int | None = None, latents: torch.Tensor | None = None, height: int | None = None,
                  width: int | None = None, eta: float = 0.0, callback: Callable | None = None, image=None,
                  strength: float = 0.8, mask=None, num_images: int = 1, karras: bool = False,
-                 attention_maps: bool = False, progress: bool = True) -> GenerationResult:
+                 steps_offset: int | None = None, attention_maps: bool = False,
+                 progress: bool = True) -> GenerationResult:
         """Prompt(s) → images. See the module docstring for the algorithm.
 
         prompt           a string, or a list of strings (one image each)
@@ -228,6 +255,8 @@ class Pipeline:
         mask             inpainting (needs image): white (≥ 0.5) = repaint, black = keep
         num_images       images per prompt
         karras           Karras σ spacing (euler, euler_a, dpmpp_2m)
+        steps_offset     added to every timestep of the "leading" spacing; None: SD v1.5's 1
+                         (50 steps: 981 … 1). 1000 steps need 0 (the whole chain 999 … 0)
         attention_maps   also return per-word cross-attention maps (result.attention_maps)
         progress         show a tqdm progress bar
         """
@@ -238,7 +267,7 @@ class Pipeline:
             req = make_request(self, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                sampler=sampler, seed=seed, latents=latents, height=height, width=width, eta=eta,
                                callback=callback, image=image, strength=strength, mask=mask,
-                               num_images=num_images, karras=karras)
+                               num_images=num_images, karras=karras, steps_offset=steps_offset)
             generator = torch.Generator("cpu").manual_seed(req.seed)
             sched = get_sampler(req.sampler, self.schedule, **req.sampler_options)
             context = self.encode_prompts(req.prompts, req.negatives if req.guided else None)
@@ -395,6 +424,27 @@ def read_defaults(metadata: dict[str, str], name: str = "checkpoint") -> dict:
     return out
 
 
+def read_vocabulary(metadata: dict[str, str], name: str = "checkpoint") -> dict | None:
+    """The words and grammar a model was trained on, from its `sdlearn_vocabulary` metadata
+    (JSON {"words": [...], "grammar": [...]}), for models that know nothing else (the tiny one);
+    None for a general model. A tiny model exported before that entry existed carries
+    `sdlearn_training` instead: it was trained on `sdlearn.shapes`, whose words are used."""
+    raw = metadata.get("sdlearn_vocabulary")
+    if raw is None:
+        if "sdlearn_training" not in metadata:
+            return None
+        from . import shapes
+        return {"words": shapes.vocabulary(), "grammar": list(shapes.GRAMMAR)}
+    try:
+        d = json.loads(raw)
+        if not (isinstance(d.get("words"), list) and isinstance(d.get("grammar"), list)
+                and all(isinstance(w, str) for w in d["words"] + d["grammar"]) and d["grammar"]):
+            raise ValueError("expected lists of strings under 'words' and 'grammar'")
+    except (json.JSONDecodeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{name}: its sdlearn_vocabulary metadata is invalid ({exc})") from None
+    return d
+
+
 def resolve_source(source: str | os.PathLike) -> Path:
     """"tiny" → the bundled file; an existing path → itself; "owner/name" → a Hugging Face
     snapshot (cache first, honouring HF_HUB_OFFLINE)."""
@@ -456,4 +506,5 @@ def load_pipeline(source: str | os.PathLike = "tiny", device: str | torch.device
     tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_folder) if ckpt.tokenizer_folder else default_tokenizer()
     return Pipeline(tokenizer=tokenizer, schedule=NoiseSchedule.scaled_linear(), device=device, dtype=dtype,
                     config=ckpt.config, source=str(source), defaults=read_defaults(ckpt.metadata, Path(ckpt.source).name),
+                    vocabulary=read_vocabulary(ckpt.metadata, Path(ckpt.source).name),
                     **models)

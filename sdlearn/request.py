@@ -65,7 +65,7 @@ class Request:
 
 def make_request(pipe, prompt, *, negative_prompt=None, steps=None, guidance=7.5, sampler=None, seed=None,
                  latents=None, height=None, width=None, eta=0.0, callback=None, image=None, strength=0.8,
-                 mask=None, num_images=1, karras=False) -> Request:
+                 mask=None, num_images=1, karras=False, steps_offset=None) -> Request:
     """Check `generate`'s arguments against this pipeline and fill in the defaults."""
     from .images import image_size, image_to_tensor, mask_to_tensor
     from .samplers import SAMPLERS
@@ -79,7 +79,7 @@ def make_request(pipe, prompt, *, negative_prompt=None, steps=None, guidance=7.5
     steps = check_int("steps", pipe.default_steps if steps is None else steps, 1, MAX_STEPS,
                       "the number of denoising steps; 20–50 is usual")
     guidance = check_float("guidance", guidance, 0.0, math.inf, "the guidance scale; 7.5 is usual, ≤ 1 turns it off")
-    options = sampler_options(sampler, eta, karras)
+    options = sampler_options(sampler, eta, karras, steps, steps_offset)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None; got {seed!r}")
     if callback is not None and not callable(callback):
@@ -106,6 +106,7 @@ def make_request(pipe, prompt, *, negative_prompt=None, steps=None, guidance=7.5
     width = pipe.native_size[1] if width is None else width
     batch = len(prompts) * num_images
     check_size(pipe, height, width, batch, guided=guidance > 1)
+    pipe.warn_outside_training(prompts + (negatives if guidance > 1 else []), height, width)
     f = pipe.latent_factor
     shape = (batch, pipe.unet.config.in_channels, height // f, width // f)
     if latents is not None:
@@ -125,7 +126,7 @@ def make_request(pipe, prompt, *, negative_prompt=None, steps=None, guidance=7.5
     return req
 
 
-def sampler_options(sampler: str, eta: float, karras: bool) -> dict:
+def sampler_options(sampler: str, eta: float, karras: bool, steps: int = 1, steps_offset: int | None = None) -> dict:
     eta = check_float("eta", eta, 0.0, math.inf, "DDIM's η: 0 = deterministic, 1 = DDPM-like")
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"eta={eta} applies to the ddim sampler only; got sampler={sampler!r}. "
@@ -133,7 +134,15 @@ def sampler_options(sampler: str, eta: float, karras: bool) -> dict:
     if karras and sampler not in ("euler", "euler_a", "dpmpp_2m"):
         raise ValueError(f"karras=True applies to euler, euler_a and dpmpp_2m; got sampler={sampler!r}")
     options = {"eta": eta} if sampler == "ddim" else {}
-    return {**options, "karras": True} if karras else options
+    if karras:
+        options["karras"] = True
+    if steps_offset is not None:
+        options["steps_offset"] = check_int("steps_offset", steps_offset, 0, MAX_STEPS - 1,
+                                           "added to every timestep; SD v1.5 uses 1")
+    # The first timestep must exist: with SD's offset of 1, 1000 steps would start at t = 1000.
+    from .samplers import leading_timesteps
+    leading_timesteps(steps, MAX_STEPS, options.get("steps_offset", 1))
+    return options
 
 
 def prompt_list(prompt, name: str) -> list[str]:

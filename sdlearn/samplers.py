@@ -33,6 +33,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .schedule import NoiseSchedule
@@ -56,7 +57,8 @@ def leading_timesteps(num_steps: int, num_train_timesteps: int = 1000, steps_off
     if t[0] >= num_train_timesteps:
         raise ValueError(f"{num_steps} steps with steps_offset={steps_offset} would start at timestep "
                          f"{t[0].item()}, beyond the trained range 0…{num_train_timesteps - 1}; "
-                         f"use fewer steps or steps_offset=0")
+                         f"use at most {num_train_timesteps - steps_offset} steps, or steps_offset=0 "
+                         f"(generate(..., steps_offset=0); on the command line --steps-offset 0)")
     return t
 
 
@@ -285,20 +287,34 @@ class SigmaSampler(Sampler):
     # -- the σ table ---------------------------------------------------------------------
 
     def _karras_sigmas(self, sigma_max: float, sigma_min: float, n: int) -> torch.Tensor:
-        """σ_i = (σ_max^(1/ρ) + i/(n−1) · (σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ   (Karras et al. 2022, eq. 5)"""
-        rho = self.karras_rho
-        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-        max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-        return (max_inv + ramp * (min_inv - max_inv)) ** rho
+        """σ_i = (σ_max^(1/ρ) + i/(n−1) · (σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ   (Karras et al. 2022, eq. 5)
 
-    def _sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The (fractional) timestep at which the schedule has noise level σ: linear in log σ."""
-        log_sigmas = self.schedule.sigmas.log()
-        log_sigma = sigma.double().clamp(min=1e-10).log()
-        low = (torch.searchsorted(log_sigmas.double(), log_sigma, right=True) - 1).clamp(0, len(log_sigmas) - 2)
-        lo, hi = log_sigmas[low].double(), log_sigmas[low + 1].double()
-        w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
-        return (1 - w) * low + w * (low + 1)
+        Computed in float64 with NumPy, operation for operation as diffusers' `_convert_to_karras`,
+        so the table is the same to the last bit on every CPU (see `_sigma_to_t`)."""
+        rho = self.karras_rho
+        ramp = np.linspace(0, 1, n)
+        max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+        return torch.from_numpy((max_inv + ramp * (min_inv - max_inv)) ** rho)
+
+    def _sigma_to_t(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The (fractional) timestep at which the schedule has noise level σ: linear in log σ
+        between the two table entries around it.  (n,) float64 → (n,) float64
+
+        Why NumPy here: the last bit of a float32 logarithm is not fixed by IEEE 754. PyTorch's
+        `log` goes to Intel's MKL on Intel CPUs and to its own vector code elsewhere, NumPy has
+        its own; they can disagree by one ulp, and a Karras timestep then moves by one float32
+        ulp (597.1300 vs 597.1301). diffusers computes this step with NumPy, so sdlearn does the
+        very same operations in the same dtypes (log σ of the table in float32, of σ in float64,
+        the table gap lo − hi in float32) and its timesteps equal diffusers' on any CPU."""
+        log_sigmas = np.log(self.schedule.sigmas.numpy())                 # float32, increasing in t
+        t = []
+        for sigma in sigmas.numpy():
+            log_sigma = np.log(np.maximum(sigma, 1e-10))                  # float64
+            low = min(max(int(np.count_nonzero(log_sigmas <= log_sigma)) - 1, 0), len(log_sigmas) - 2)
+            lo, hi = log_sigmas[low], log_sigmas[low + 1]
+            w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+            t.append((1 - w) * low + w * (low + 1))
+        return torch.from_numpy(np.array(t, dtype=np.float64))
 
     def _finish_table(self, timesteps: torch.Tensor, sigmas: torch.Tensor) -> None:
         self.timesteps = timesteps

@@ -83,10 +83,13 @@ class NoiseSchedule:
                max_beta: float = 0.999) -> "NoiseSchedule":
         """Nichol & Dhariwal 2021: ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2), β_t = min(1 − ᾱ(t+1)/ᾱ(t), 0.999).
 
-        Computed in float64, then rounded to float32 (as diffusers' "squaredcos_cap_v2").
+        Computed in float64 with Python's `math.cos`, value by value, then rounded to float32, as
+        diffusers' "squaredcos_cap_v2" does. (`torch.cos` would do: but the last bit of a
+        vectorised cosine depends on the maths library the CPU gets, and that bit can survive
+        the rounding to float32; `math.cos` is the C library's, the same call diffusers makes.)
         """
-        t = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
-        alpha_bar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+        alpha_bar = torch.tensor([math.cos((i / num_train_timesteps + s) / (1 + s) * math.pi / 2) ** 2
+                                  for i in range(num_train_timesteps + 1)], dtype=torch.float64)
         betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
         return cls(betas.to(torch.float32), name="cosine")
 

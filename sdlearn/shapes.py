@@ -207,6 +207,23 @@ def sample(seed: int, index: int = 0, *, two_shapes: float = 0.0) -> ShapeSample
     return _sample(np.random.default_rng([seed, index]), two_shapes)
 
 
+_C, _S = "{" + "|".join(COLOURS) + "}", "{" + "|".join(SHAPES) + "}"
+GRAMMAR = (
+    f"a [small|large] {_C} {_S} [" + "|".join(POSITION_PHRASES.values()) + "]",
+    "a picture of <the above>",
+    f"{_C} {_S}[, " + "{" + "|".join(POSITIONS) + "}]",
+    "<a shape on the left> and <a shape on the right>   (or at the top and at the bottom)",
+)
+
+
+def vocabulary() -> list[str]:
+    """Every word a caption can hold (what the tiny model has seen), sorted."""
+    words = {"a", "picture", "of", "and", *COLOURS, *SHAPES, *SIZES, *POSITIONS}
+    for text in POSITION_PHRASES.values():
+        words.update(text.split())
+    return sorted(words)
+
+
 DATASET_VERSION = 1  # bump when drawing or captions change, so old caches are not reused
 
 

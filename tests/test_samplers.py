@@ -339,3 +339,29 @@ def test_float16_latents_follow_diffusers_dtype_handling(name):
     assert all(x.dtype == torch.float16 for _, x, _ in a)
     for (_, x, _), (_, x_ref, _) in zip(a, b):
         assert rel_err(x, x_ref) <= 1e-3
+
+
+def _one_ulp_off(fn):
+    """fn, but its float results one ulp higher: what another CPU's maths library may return.
+    (IEEE 754 fixes +, −, ×, ÷ and √ to the last bit, not log, exp or cos: PyTorch sends them to
+    MKL on Intel CPUs and to its own vector code on others, and the two can differ by an ulp.)"""
+    def off(x, *args, **kwargs):
+        y = fn(x, *args, **kwargs)
+        return torch.nextafter(y, torch.full_like(y, float("inf"))) if y.is_floating_point() else y
+    return off
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m"])
+def test_karras_timesteps_do_not_depend_on_the_cpus_log(name, monkeypatch):
+    """The Karras timesteps come from log σ. diffusers takes that log with NumPy; if sdlearn took it
+    with torch.log, a one-ulp difference between the two maths libraries moves a timestep by one
+    float32 ulp (seen on an Intel Xeon: 597.1300 vs 597.1301). With torch's log made one ulp off,
+    sdlearn's timesteps must still equal diffusers' to the bit."""
+    ref = reference_scheduler(name, karras=True)
+    ref.set_timesteps(20)
+    monkeypatch.setattr(torch, "log", _one_ulp_off(torch.log))
+    monkeypatch.setattr(torch.Tensor, "log", _one_ulp_off(torch.Tensor.log))
+    ours = get_sampler(name, karras=True)
+    ours.set_timesteps(20)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    assert torch.equal(ours.sigmas, ref.sigmas)

@@ -157,3 +157,15 @@ def test_plot_schedules_draws_one_line_per_schedule_and_panel_per_quantity():
     assert torch.equal(torch.as_tensor(line), schedules[1].alphas_cumprod)
     with pytest.raises(ValueError, match="unknown quantities"):
         viz.plot_schedules(schedules, ["alpha"])
+
+
+def test_cosine_betas_do_not_depend_on_the_cpus_cosine(monkeypatch):
+    """diffusers computes the cosine schedule with Python's math.cos, value by value. torch.cos's
+    last bit depends on the maths library the CPU gets (MKL on Intel), so sdlearn uses math.cos
+    too: with torch.cos made one ulp off, the betas must not change."""
+    expected = diffusers_ddpm("cosine").betas
+    def cos_one_ulp_off(x, *a, **k):
+        y = torch.Tensor.cos(x)
+        return torch.nextafter(y, torch.full_like(y, float("inf")))
+    monkeypatch.setattr(torch, "cos", cos_one_ulp_off)
+    assert torch.equal(NoiseSchedule.cosine().betas, expected)

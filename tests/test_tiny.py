@@ -43,3 +43,69 @@ def test_tiny_same_seed_same_pixels(pipe):
     a = pipe.generate("a green circle", seed=3, progress=False).pixels
     b = pipe.generate("a green circle", seed=3, progress=False).pixels
     assert torch.equal(a, b)
+
+
+# --- the tiny model says what it knows ---------------------------------------------------------
+
+def _warnings(pipe, *args, **kwargs) -> list[str]:
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.generate(*args, steps=2, seed=0, progress=False, **kwargs)
+    return [str(w.message) for w in caught]
+
+
+def test_words_outside_the_grammar_warn_once_naming_them_and_the_native_size():
+    pipe = sdlearn.load_pipeline("tiny", device="cpu")           # a fresh pipeline: nothing warned yet
+    first = _warnings(pipe, "a cat sitting on a sofa")
+    assert len(first) == 1 and all(w in first[0] for w in ("'cat'", "'sitting'", "'sofa'", "64×64"))
+    assert "'a'" not in first[0] and "'on'" not in first[0]
+    assert _warnings(pipe, "a cat on a sofa") == []                # each word once
+    second = _warnings(pipe, "a pink hexagon, cat")
+    assert len(second) == 1 and "'hexagon'" in second[0] and "'pink'" in second[0] and "cat" not in second[0]
+    assert _warnings(pipe, ["a large red circle on the left", "blue square, top", ""]) == []
+    # the negative prompt is read too (with guidance), and is not read without it
+    assert any("'dog'" in w for w in _warnings(pipe, "a red circle", negative_prompt="dog"))
+    assert not any("zebra" in w for w in _warnings(pipe, "a red circle", negative_prompt="zebra", guidance=1.0))
+
+
+def test_a_size_other_than_its_own_warns_once():
+    pipe = sdlearn.load_pipeline("tiny", device="cpu")
+    warned = _warnings(pipe, "a red circle", height=32, width=48)
+    assert len(warned) == 1 and "48×32" in warned[0] and "64×64" in warned[0]
+    assert _warnings(pipe, "a red circle", height=32, width=48) == []
+    assert _warnings(pipe, "a red circle") == []
+
+
+def test_a_model_without_a_declared_vocabulary_is_never_checked():
+    from checkpoints import original_file
+    from sdlearn.configs import ModelConfig
+    pipe = sdlearn.load_pipeline(original_file(ModelConfig.tiny()), device="cpu")
+    assert pipe.vocabulary is None
+    assert _warnings(pipe, "a cat sitting on a sofa", height=32, width=32) == []
+
+
+def test_vocabulary_metadata_is_read_and_checked():
+    from sdlearn.pipeline import read_vocabulary
+    from sdlearn.weights import CheckpointError
+    d = read_vocabulary({"sdlearn_vocabulary": '{"words": ["a", "dot"], "grammar": ["a dot"]}'})
+    assert d == {"words": ["a", "dot"], "grammar": ["a dot"]}
+    assert read_vocabulary({}) is None
+    with pytest.raises(CheckpointError, match="sdlearn_vocabulary"):
+        read_vocabulary({"sdlearn_vocabulary": '{"words": "a dot"}'})
+
+
+def test_sdlearn_info_tiny_lists_the_grammar(capsys):
+    from sdlearn.cli import main
+    assert main(["info", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "knows only the grammar" in out and "{circle|square|triangle}" in out and "64×64" in out
+
+
+def test_ddpm_1000_steps_needs_steps_offset_0_and_says_so(pipe):
+    with pytest.raises(ValueError, match=r"steps_offset=0.*--steps-offset 0"):
+        pipe.generate("a red circle", sampler="ddpm", steps=1000, progress=False)
+    seen = []
+    result = pipe.generate("a red circle", sampler="ddpm", steps=10, steps_offset=0, seed=0, progress=False,
+                           callback=lambda info: seen.append(info.timestep))
+    assert seen == list(range(900, -1, -100)) and result.settings["steps_offset"] == 0
