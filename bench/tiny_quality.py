@@ -7,7 +7,7 @@ Quality: every prompt of the grammar, `a {colour} {shape}` and `a {colour} {shap
 (`shapes.grammar_prompts()`: 6 colours × 3 shapes × 6 position choices = 108), one seed each (one
 batch from --seed, so every prompt has its own starting noise), with the pipeline's default
 sampler and steps (the checkpoint's: DDIM, 20), at its default guidance 7.5 and at other scales.
-`shapes.alignment` generates them and the analyser reads back the largest shape's colour, shape
+`analyser.alignment` generates them and the analyser reads back the largest shape's colour, shape
 and position (position only for the 90 prompts that name one). One more row, "no prompt", draws
 from the empty prompt: the unconditional ε alone, which is what guidance 0 would draw
 (ε̂ = ε_u + 0 · (ε_c − ε_u)); scored against the same prompts, it shows the chance level.
@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from sdlearn import shapes
+from sdlearn import analyser, shapes
 from sdlearn.pipeline import TINY_PATH, load_pipeline
 
 TARGETS = {"colour": 0.95, "shape": 0.85, "position": 0.85}    # issue 8, at the default guidance
@@ -40,7 +40,7 @@ def sweep(pipe, guidances, seed: int) -> dict[str, tuple[dict[str, float], torch
     runs += [(f"{g:g}", g, prompts) for g in guidances]
     for label, g, asked in runs:
         t0 = time.perf_counter()
-        scores, pixels = shapes.alignment(pipe, guidance=g, seed=seed, prompts=asked)
+        scores, pixels = analyser.alignment(pipe, guidance=g, seed=seed, prompts=asked)
         rows[label] = (scores, pixels, time.perf_counter() - t0)
         print(f"  … {label}: {', '.join(f'{k} {v:.1%}' for k, v in scores.items())}", flush=True)
     return rows
@@ -50,7 +50,7 @@ def misses(pixels: torch.Tensor) -> list[str]:
     """'prompt → what the analyser read' for every image that is not what its prompt asked."""
     out = []
     for image, want in zip(pixels, shapes.grammar_prompts()):
-        got = shapes.analyse(image)
+        got = analyser.analyse(image)
         wrong = [k for k in ("colour", "shape", "position") if want[k] is not None and got[k] != want[k]]
         if wrong:
             out.append(f"{want['prompt']!r} → {got['colour']} {got['shape']} at {got['position']}")
@@ -95,7 +95,7 @@ def main() -> None:
     pipe.generate(["a red circle"] * 8, seed=0, progress=False)     # warm-up: first-call costs stay out of the table
     rows = sweep(pipe, guidances, args.seed)
     n = len(shapes.grammar_prompts())
-    print(f"\nalignment over the {n} grammar prompts (read back by shapes.analyse; the last column is one timing):")
+    print(f"\nalignment over the {n} grammar prompts (read back by analyser.analyse; the last column is one timing):")
     print(f"| guidance | colour | shape | position | shape found | s per image (batch {n}) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for label, (scores, _, seconds) in rows.items():

@@ -19,6 +19,23 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+def to_uint8(image) -> np.ndarray:
+    """Any image sdlearn passes around → uint8 array (H, W, 3) for display."""
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim != 3 or t.shape[0] not in (1, 3):
+            raise ValueError(f"expected an image tensor (3, H, W), found shape {tuple(t.shape)}")
+        if t.dtype != torch.uint8:
+            t = (t.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return t.expand(3, -1, -1).permute(1, 2, 0).numpy()
+    a = np.array(image.convert("RGB") if hasattr(image, "convert") else image)       # a writable copy
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise ValueError(f"expected an image array (H, W, 3), found shape {a.shape}")
+    if a.dtype != np.uint8:
+        a = (np.clip(a.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
+    return a
+
+
 def open_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
     """Read a picture file, or say clearly why it cannot be read."""
     path = Path(path).expanduser()

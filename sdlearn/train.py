@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import shapes
+from . import analyser, shapes
 from .configs import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 from .device import resolve_device
 
@@ -467,7 +467,7 @@ def measure_vae(vae: nn.Module, images: torch.Tensor, s: Settings, device: torch
     held_out = shapes.make_dataset(min(512, s.images), s.seed + 1, two_shapes=0.0)
     x = _to_pixels(held_out.images.to(device))
     x_hat = torch.cat([vae.decode(vae.encode(x[i:i + 128]).mean) for i in range(0, len(x), 128)])
-    read = shapes.score_alignment(list((x_hat.clamp(-1, 1) + 1) / 2), [a["shapes"][0] for a in held_out.attributes])
+    read = analyser.score_alignment(list((x_hat.clamp(-1, 1) + 1) / 2), [a["shapes"][0] for a in held_out.attributes])
     return {"l1": (x_hat - x).abs().mean().item(), **{f"recon_{k}": v for k, v in read.items()},
             "latent_mean": z.mean().item(), "latent_std": z.std().item(), "posterior_std": std.mean().item(),
             "scaling_factor": 1.0 / z.std().item(), "_mean": mean, "_std": std}
@@ -607,7 +607,7 @@ def evaluate_alignment(pipe, *, guidance: tuple[float, ...] = (5.0, 1.0), steps:
     images are saved there as a picture with their prompts."""
     result = {}
     for i, g in enumerate(guidance):
-        scores, pixels = shapes.alignment(pipe, guidance=g, steps=steps, seed=seed)
+        scores, pixels = analyser.alignment(pipe, guidance=g, steps=steps, seed=seed)
         result[str(g)] = scores
         if grid is not None and i == 0:
             import matplotlib.pyplot as plt

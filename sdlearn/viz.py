@@ -13,22 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-
-def to_uint8(image) -> np.ndarray:
-    """Any image sdlearn passes around → uint8 array (H, W, 3) for display."""
-    if isinstance(image, torch.Tensor):
-        t = image.detach().cpu()
-        if t.ndim != 3 or t.shape[0] not in (1, 3):
-            raise ValueError(f"expected an image tensor (3, H, W), found shape {tuple(t.shape)}")
-        if t.dtype != torch.uint8:
-            t = (t.float().clamp(0, 1) * 255).round().to(torch.uint8)
-        return t.expand(3, -1, -1).permute(1, 2, 0).numpy()
-    a = np.array(image.convert("RGB") if hasattr(image, "convert") else image)       # a writable copy
-    if a.ndim != 3 or a.shape[-1] != 3:
-        raise ValueError(f"expected an image array (H, W, 3), found shape {a.shape}")
-    if a.dtype != np.uint8:
-        a = (np.clip(a.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
-    return a
+from .images import to_uint8
 
 
 def image_grid(images: Sequence, captions: Sequence[str] | None = None, *, ncols: int = 8,
@@ -355,7 +340,7 @@ def plot_alignment(series: dict, *, xlabel: str, attributes: Sequence[str] = ("c
     """How often the analyser reads back what was asked, against a setting (guidance scale,
     training step, …): one line per attribute (its colour) and series (its line style).
 
-    `series` maps a label to {x: scores}, scores as `shapes.score_alignment` returns them
+    `series` maps a label to {x: scores}, scores as `analyser.score_alignment` returns them
     (fractions), e.g. {"g = 5": {1000: {"colour": 0.92, …}, 2000: …}, "g = 1": {…}}.
     The y axis is in percent. Returns the Figure.
     """

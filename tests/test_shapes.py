@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from sdlearn import shapes
+from sdlearn import analyser, shapes
 
 KEYS = ("colour", "shape", "position", "size")
 
@@ -46,7 +46,7 @@ def test_cache_round_trips(tmp_path):
 
 def test_background_is_plain_and_never_a_shape_colour():
     for name, rgb in shapes.BACKGROUNDS.items():
-        colour, distance = shapes.nearest_colour(rgb)
+        colour, distance = analyser.nearest_colour(rgb)
         assert distance > 40, f"background {name} is close to {colour}"
     s = shapes.sample(0, 0)
     bg = shapes.BACKGROUNDS[s.attributes["background"]]
@@ -100,7 +100,7 @@ def test_grammar_prompts_are_the_108_of_the_benchmark():
 def _agreement(images, attributes):
     wrong = Counter()
     for image, attrs in zip(images, attributes):
-        got, want = shapes.analyse(image), attrs["shapes"][0]
+        got, want = analyser.analyse(image), attrs["shapes"][0]
         for key in KEYS:
             wrong[key] += got[key] != want[key]
     return {key: 1 - wrong[key] / len(images) for key in KEYS}
@@ -134,19 +134,19 @@ def test_analyser_accepts_pil_arrays_and_float_tensors():
     want = s.attributes["shapes"][0]
     as_float = torch.from_numpy(s.image).permute(2, 0, 1).float() / 255
     for image in (s.pil, s.image, as_float):
-        got = shapes.analyse(image)
+        got = analyser.analyse(image)
         assert (got["colour"], got["shape"], got["position"]) == (want["colour"], want["shape"], want["position"])
 
 
 def test_analyser_finds_nothing_on_a_plain_picture():
-    got = shapes.analyse(np.full((64, 64, 3), 200, np.uint8))
+    got = analyser.analyse(np.full((64, 64, 3), 200, np.uint8))
     assert got == {"colour": None, "shape": None, "position": None, "size": None, "found": False}
 
 
 def test_analyser_finds_both_shapes_of_a_pair():
     d = shapes.make_dataset(100, seed=8, two_shapes=1.0)
     for image, attrs in zip(d.images, d.attributes):
-        found = shapes.analyse_objects(image)
+        found = analyser.analyse_objects(image)
         assert len(found) == 2
         got = {(o["colour"], o["shape"], o["position"]) for o in found}
         assert got == {(s["colour"], s["shape"], s["position"]) for s in attrs["shapes"]}
@@ -156,11 +156,11 @@ def test_score_alignment_counts_only_what_was_asked():
     prompts = shapes.grammar_prompts()[:6]            # a red circle, (no position + 5 positions)
     shapes_ = [{"colour": "red", "shape": "circle", "cx": 32, "cy": 32, "extent": 20}]
     centred = shapes.draw(shapes_, "white")
-    scores = shapes.score_alignment([centred] * 6, prompts)
+    scores = analyser.score_alignment([centred] * 6, prompts)
     assert scores["colour"] == scores["shape"] == scores["found"] == 1.0
     assert scores["position"] == pytest.approx(1 / 5)    # only "in the center" is right
     wrong = shapes.draw([dict(shapes_[0], colour="blue", shape="square")], "white")
-    assert shapes.score_alignment([wrong], prompts[:1]) == {"colour": 0.0, "shape": 0.0,
+    assert analyser.score_alignment([wrong], prompts[:1]) == {"colour": 0.0, "shape": 0.0,
                                                            "position": pytest.approx(float("nan"), nan_ok=True),
                                                            "found": 1.0}
 
@@ -198,8 +198,8 @@ class _DrawingPipeline:
 
 
 def test_alignment_of_a_perfect_and_of_a_colour_blind_model():
-    scores, pixels = shapes.alignment(_DrawingPipeline())
+    scores, pixels = analyser.alignment(_DrawingPipeline())
     assert pixels.shape == (108, 3, 64, 64)
     assert scores == {"colour": 1.0, "shape": 1.0, "position": 1.0, "found": 1.0}
-    scores, _ = shapes.alignment(_DrawingPipeline(recolour={"orange": "yellow"}))
+    scores, _ = analyser.alignment(_DrawingPipeline(recolour={"orange": "yellow"}))
     assert scores["colour"] == pytest.approx(5 / 6) and scores["shape"] == 1.0

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sdlearn
-from sdlearn import shapes
+from sdlearn import analyser, shapes
 from sdlearn.pipeline import TINY_PATH
 
 pytestmark = pytest.mark.skipif(not TINY_PATH.exists(), reason="the tiny model is not in this checkout")
@@ -35,7 +35,7 @@ def test_tiny_file_is_small_and_in_the_original_layout():
 def test_tiny_draws_the_prompt(pipe, prompt, expected):
     result = pipe.generate(prompt, seed=0, progress=False)
     assert result.pixels.shape == (1, 3, 64, 64)
-    found = shapes.analyse(result.images[0])
+    found = analyser.analyse(result.images[0])
     assert {k: found[k] for k in expected} == expected, (prompt, found)
 
 
