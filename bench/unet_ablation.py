@@ -5,13 +5,13 @@ time, against diffusers' UNet, in the same process, alternately.
     .venv/bin/python bench/unet_ablation.py --tiny                             # seconds
     .venv/bin/python bench/unet_ablation.py --profile     # torch.profiler's top ops: sdlearn, then diffusers
 
-Variants (each adds one thing to the one above; sdlearn/unet.py's "Speed" section):
+Variants (each adds one `sdlearn.fast_cpu` path to the one above, through its switch
+`fast_cpu.enable(unet, paths)`; see that module's table):
     plain layers, NCHW        the same PyTorch operations as diffusers, SDPA attention
-    + channels-last           feature maps kept channels-last (`_channels_last`)
-    + oneDNN linear           linear layers through oneDNN instead of the BLAS library (`Linear`)
-    + small convs as matmul   3×3 convs on small maps and all 1×1 convs as one oneDNN matrix product (`Conv2d`)
-    + fused GEGLU             GEGLU as two oneDNN products with the GELU fused in (`_geglu_onednn`): sdlearn as shipped
-The switches are module attributes patched for the duration of a call; nothing else changes.
+    + channels-last           feature maps kept channels-last ("channels_last")
+    + oneDNN linear           linear layers through oneDNN instead of the BLAS library ("linear")
+    + small convs as matmul   3×3 convs on small maps and all 1×1 convs as one oneDNN matrix product ("conv")
+    + fused GEGLU             GEGLU as two oneDNN products with the GELU fused in ("geglu"): sdlearn as shipped
 """
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, alternate, machine, rel_err, spread  # noqa: E402
@@ -32,8 +30,9 @@ sys.path.insert(0, str(REPO / "tests"))
 from checkpoints import diffusers_unet_kwargs  # noqa: E402
 from reference import randomize_  # noqa: E402
 
-import sdlearn.unet as U  # noqa: E402
+from sdlearn import fast_cpu  # noqa: E402
 from sdlearn.configs import UNetConfig  # noqa: E402
+from sdlearn.unet import UNet  # noqa: E402
 
 
 def build(cfg: UNetConfig):
@@ -41,7 +40,7 @@ def build(cfg: UNetConfig):
     built on the meta device, so the slow default initialisation of 860 M parameters is skipped."""
     from diffusers import UNet2DConditionModel
     with torch.device("meta"):
-        ours = U.UNet(cfg)
+        ours = UNet(cfg)
         ref = UNet2DConditionModel(**diffusers_unet_kwargs(cfg))
     ours = randomize_(ours.to_empty(device="cpu")).eval()
     ref.load_state_dict(ours.state_dict(), strict=True, assign=True)    # the same tensors, no copy
@@ -60,33 +59,14 @@ def profile(runs: dict, rows: int = 25) -> str:
     return "\n\n".join(tables)
 
 
-def _geglu_unfused(x, weight, bias):
-    a, b = U.Linear.forward(_Holder(weight, bias), x).chunk(2, dim=-1)
-    return a * F.gelu(b)
-
-
-class _Holder:
-    """Just enough of an nn.Linear for `Linear.forward` (oneDNN, or plain when it is switched off)."""
-    def __init__(self, weight, bias):
-        self.weight, self.bias = weight, bias
-
-
 @contextlib.contextmanager
-def switches(level: int):
+def switches(unet, level: int):
     """level 0: nothing; 1: + channels-last; 2: + oneDNN linear; 3: + matmul convs; 4: + fused GEGLU."""
-    saved = (U._channels_last, U.Linear.forward, U.Conv2d.forward, U._geglu_onednn)
+    fast_cpu.enable(unet, fast_cpu.PATHS[:level])
     try:
-        if level < 1:
-            U._channels_last = lambda x: x
-        if level < 2:
-            U.Linear.forward = nn.Linear.forward
-        if level < 3:
-            U.Conv2d.forward = nn.Conv2d.forward
-        if level < 4:
-            U._geglu_onednn = _geglu_unfused
         yield
     finally:
-        U._channels_last, U.Linear.forward, U.Conv2d.forward, U._geglu_onednn = saved
+        fast_cpu.disable(unet)
 
 
 NAMES = ["plain layers, NCHW", "+ channels-last", "+ oneDNN linear", "+ small convs as matmul",
@@ -110,7 +90,7 @@ def main(argv: list[str] | None = None) -> str:
 
     def variant(level: int):
         def run():
-            with switches(level):
+            with switches(ours, level):
                 return ours(x, t, ctx)
         return run
 

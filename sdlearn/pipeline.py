@@ -46,9 +46,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
+from . import fast_cpu
+from .attention_maps import CrossAttentionMaps, word_maps
 from .configs import ModelConfig
 from .device import default_dtype, resolve_device
+from .images import to_pil
+from .request import MAX_STEPS, make_request, per_image
+from .samplers import SAMPLERS, get_sampler, randn_like_diffusers, sample_loop
+from .schedule import NoiseSchedule
+from .tokenizer import CLIPTokenizer, default_tokenizer
 from .weights import COMPONENTS, CheckpointError, load_component, open_checkpoint
 
 TINY_PATH = Path(__file__).resolve().parent / "data" / "tiny.safetensors"
@@ -94,7 +102,6 @@ class StepInfo:
 
     def preview_images(self, which: str = "x0_hat", upscale: int = 8):
         """The preview as PIL images, enlarged `upscale`× (8: the image size)."""
-        from .images import to_pil
         small = self.preview(which)
         return to_pil(torch.nn.functional.interpolate(small.cpu(), scale_factor=upscale, mode="nearest"))
 
@@ -260,9 +267,6 @@ class Pipeline:
         attention_maps   also return per-word cross-attention maps (result.attention_maps)
         progress         show a tqdm progress bar
         """
-        from .request import make_request
-        from .samplers import get_sampler
-
         with torch.inference_mode():
             req = make_request(self, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                sampler=sampler, seed=seed, latents=latents, height=height, width=width, eta=eta,
@@ -272,17 +276,40 @@ class Pipeline:
             sched = get_sampler(req.sampler, self.schedule, **req.sampler_options)
             context = self.encode_prompts(req.prompts, req.negatives if req.guided else None)
             start = self._start(req, sched, generator)
-            run = self._denoise(req, sched, start, context, generator, callback, attention_maps, progress)
+            recorder = nullcontext()
+            if attention_maps:
+                rows = slice(req.batch, 2 * req.batch) if req.guided else slice(0, req.batch)
+                recorder = CrossAttentionMaps(rows=rows, latent_size=req.latent_shape[2:])
+            bar = tqdm(total=len(start.timesteps), desc=req.sampler, disable=not progress, leave=False)
+
+            def on_step(i, t, x_in, out):
+                bar.update()
+                info = StepInfo(i, len(start.timesteps), t.item(), out.prev_sample, out.pred_original_sample, self)
+                return callback is None or not _asks_to_stop(callback, info)
+
+            run = sample_loop(sched, self.eps_model(context, req.guidance, recorder), start.x, start.timesteps,
+                              generator=generator, blend=start.blend(sched), callback=on_step)
+            bar.close()
             pixels = self.decode(run.x0_hat if run.stopped else run.x)
             maps = None
             if attention_maps:
-                from .attention_maps import word_maps
-                tokens = run.recorder.token_maps((req.height, req.width))
+                tokens = recorder.token_maps((req.height, req.width))
                 maps = [word_maps(self.tokenizer, p, tokens[b]) for b, p in enumerate(req.prompts)]
-        from .images import to_pil
         return GenerationResult(images=to_pil(pixels), pixels=pixels, latents=run.x, seed=req.seed,
-                                settings={**req.settings(), "source": self.source}, steps_done=run.done,
+                                settings={**req.settings(), "source": self.source}, steps_done=run.steps,
                                 stopped_early=run.stopped, attention_maps=maps)
+
+    def eps_model(self, context: torch.Tensor, guidance: float, recorder=nullcontext()) -> Callable:
+        """The ε-prediction the sampling loop calls, model(x_in, t): the UNet on `context`, with
+        classifier-free guidance when g > 1 — then `context` is [unconditional; conditional] and
+        both halves run as one batch. `recorder` (an AttentionRecorder) sees every UNet call."""
+        def model(x_in: torch.Tensor, t) -> torch.Tensor:
+            with recorder:
+                if guidance <= 1:
+                    return self.unet(x_in, t, context)
+                eps_uncond, eps_cond = self.unet(torch.cat([x_in, x_in]), t, context).chunk(2)
+            return classifier_free_guidance(eps_uncond, eps_cond, guidance)
+        return model
 
     def _start(self, req, sched, generator) -> "_Start":
         """The timesteps to visit and the starting x.
@@ -292,9 +319,6 @@ class Pipeline:
                        over the last `strength` of the steps (diffusers' img2img)
         inpainting:    as image → image, but pure noise at strength 1 (diffusers' 4-channel inpainting)
         """
-        from .request import per_image
-        from .samplers import randn_like_diffusers
-
         def unit_noise():
             if req.latents is not None:
                 return req.latents.to(self.device)
@@ -323,38 +347,11 @@ class Pipeline:
             mask = mask.to(self.device, self.dtype)
         return _Start(timesteps, x, noise, z_image, mask)
 
-    def _denoise(self, req, sched, start, context, generator, callback, attention_maps, progress) -> "_Run":
-        """The loop: guided ε, one sampler step, the inpainting blend, the callback."""
-        from tqdm.auto import tqdm
 
-        recorder = nullcontext()
-        if attention_maps:
-            from .attention_maps import CrossAttentionMaps
-            rows = slice(req.batch, 2 * req.batch) if req.guided else slice(0, req.batch)
-            recorder = CrossAttentionMaps(rows=rows, latent_size=req.latent_shape[2:])
-        timesteps, x, n = start.timesteps, start.x, len(start.timesteps)
-        run = _Run(x=x, x0_hat=None, done=0, stopped=False, recorder=recorder)
-        bar = tqdm(total=n, desc=req.sampler, disable=not progress, leave=False)
-        for i, t in enumerate(timesteps):
-            x_in = sched.scale_input(x, t)
-            with recorder:
-                eps = self.unet(torch.cat([x_in, x_in]) if req.guided else x_in, t, context)
-            if req.guided:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + req.guidance * (eps_cond - eps_uncond)
-            out = sched.step(eps, t, x, generator=generator)
-            x = out.prev_sample
-            if start.mask is not None:      # keep the known region, noised to the next step's level
-                known = start.z_image if i == n - 1 else sched.add_noise(start.z_image, start.noise, timesteps[i + 1:i + 2])
-                x = (1 - start.mask) * known + start.mask * x
-            run.x, run.x0_hat, run.done = x, out.pred_original_sample, i + 1
-            bar.update()
-            if callback is not None and _asks_to_stop(callback, StepInfo(i, n, t.item(), x, run.x0_hat, self)) \
-                    and i < n - 1:
-                run.stopped = True
-                break
-        bar.close()
-        return run
+def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """ε̂ = ε_u + g · (ε_c − ε_u)   (Ho & Salimans 2022): g = 1 is the conditional prediction, g = 0
+    the unconditional one, g > 1 pushes past the conditional one, away from the unconditional."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
 @dataclass
@@ -365,14 +362,18 @@ class _Start:
     z_image: torch.Tensor | None = None     # the picture's latents (img2img, inpainting)
     mask: torch.Tensor | None = None        # latent-size mask, 1 = repaint (inpainting)
 
+    def blend(self, sched) -> Callable | None:
+        """Inpainting's hook for the loop: after step i, keep the known region (mask = 0) of the
+        picture's latents noised to the next step's level (diffusers' 4-channel inpainting):
+            x ← (1 − m) · add_noise(z_image, ε, t_{i+1}) + m · x        (at the last step: z_image)"""
+        if self.mask is None:
+            return None
+        n = len(self.timesteps)
 
-@dataclass
-class _Run:
-    x: torch.Tensor
-    x0_hat: torch.Tensor | None
-    done: int
-    stopped: bool
-    recorder: object
+        def blend(i: int, x: torch.Tensor) -> torch.Tensor:
+            known = self.z_image if i == n - 1 else sched.add_noise(self.z_image, self.noise, self.timesteps[i + 1:i + 2])
+            return (1 - self.mask) * known + self.mask * x
+        return blend
 
 
 def _asks_to_stop(callback, info: StepInfo) -> bool:
@@ -403,8 +404,7 @@ def preview_training_images(size: int = 64) -> torch.Tensor:
 def read_defaults(metadata: dict[str, str], name: str = "checkpoint") -> dict:
     """The generation defaults a checkpoint carries in its `sdlearn_defaults` metadata
     (JSON such as {"sampler": "ddim", "steps": 20}); {} when it has none."""
-    from .request import MAX_STEPS
-    from .samplers import SAMPLERS
+
 
     raw = metadata.get("sdlearn_defaults")
     if not raw:
@@ -487,22 +487,24 @@ def hub_snapshot(repo_id: str, fp16: bool = False) -> Path:
 
 
 def load_pipeline(source: str | os.PathLike = "tiny", device: str | torch.device | None = None,
-                  dtype: torch.dtype | None = None, *, config: ModelConfig | None = None) -> Pipeline:
+                  dtype: torch.dtype | None = None, *, config: ModelConfig | None = None,
+                  fast: bool = True) -> Pipeline:
     """Load the tokenizer, text encoder, UNet, VAE and schedule from one source.
 
     device=None picks cuda, then mps, then cpu; dtype=None picks float16 on cuda, float32
     elsewhere. Each tensor is cast and moved as it is read; on the CPU in its stored dtype a
     weight stays a view of the memory-mapped file, so the weights are never held twice.
+    fast=True (on a CPU) swaps the UNet's layers for `sdlearn.fast_cpu`'s faster ones: same
+    weights, same results to float32 rounding; fast=False keeps the plain PyTorch layers.
     """
-    from .schedule import NoiseSchedule
-    from .tokenizer import CLIPTokenizer, default_tokenizer
-
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype={dtype!r}: expected a floating torch.dtype such as torch.float32 or torch.float16")
     ckpt = open_checkpoint(resolve_source(source), config)
     models = {c: load_component(ckpt, c, device, dtype) for c in COMPONENTS}
+    if fast and device.type == "cpu":
+        fast_cpu.enable(models["unet"])
     tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_folder) if ckpt.tokenizer_folder else default_tokenizer()
     return Pipeline(tokenizer=tokenizer, schedule=NoiseSchedule.scaled_linear(), device=device, dtype=dtype,
                     config=ckpt.config, source=str(source), defaults=read_defaults(ckpt.metadata, Path(ckpt.source).name),

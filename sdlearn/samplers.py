@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -506,22 +507,37 @@ def get_sampler(name: str, schedule: NoiseSchedule | None = None, **options) -> 
     return cls(schedule, **options)
 
 
-def sample_loop(sampler: Sampler, model, x_T: torch.Tensor, steps: int, *,
-                generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
-    """The loop every pipeline runs, for any ε-predicting `model(x_t, t)`:
+@dataclass
+class LoopResult:
+    x: torch.Tensor                      # the last sample (the final one, or where a callback stopped)
+    x0_hat: torch.Tensor | None          # the last step's x̂₀ (None if no step ran)
+    steps: int                           # steps run
+    stopped: bool = False                # a callback asked to stop before the end
 
-        x ← x_T · init_noise_sigma;  for t in timesteps:  x ← step(model(scale_input(x, t), t), t, x)
 
-    `x_T` is unit-variance noise. `callback(i, t, x_in, out)` sees, at each step, the noisy
-    sample as the model saw it (the ordinary x_t, whatever scale the sampler keeps inside) and
-    the StepOutput (for trajectories and x̂₀ previews). Returns the final sample.
+def sample_loop(sampler: Sampler, model: Callable, x: torch.Tensor, timesteps: torch.Tensor, *,
+                generator: torch.Generator | None = None, blend: Callable | None = None,
+                callback: Callable | None = None) -> LoopResult:
+    """The reverse process, one model call per step. The pipeline runs exactly this loop.
+
+        for i, t in enumerate(timesteps):
+            x_in = scale_input(x, t)                   the ordinary x_t, whatever scale x is kept in
+            out = step(model(x_in, t), t, x)           model: any ε-prediction; the pipeline passes
+                                                       its UNet with classifier-free guidance
+            x = blend(i, out.prev_sample)              inpainting: put back the known region (optional)
+            callback(i, t, x_in, out) is False → stop  previews, progress, trajectories (optional)
+
+    `x` is the sampler's starting sample (for text → image: unit noise × `init_noise_sigma` after
+    `set_timesteps`), `timesteps` the ones to visit (`sampler.timesteps`, or the last part of them
+    for image → image). The callback's `out` holds the sample after the blend and the step's x̂₀.
     """
-    sampler.set_timesteps(steps)
-    x = x_T * sampler.init_noise_sigma
-    for i, t in enumerate(sampler.timesteps):
+    result = LoopResult(x, None, 0)
+    for i, t in enumerate(timesteps):
         x_in = sampler.scale_input(x, t)
         out = sampler.step(model(x_in, t), t, x, generator=generator)
-        if callback is not None:
-            callback(i, t, x_in, out)
-        x = out.prev_sample
-    return x
+        x = out.prev_sample if blend is None else blend(i, out.prev_sample)
+        result = LoopResult(x, out.pred_original_sample, i + 1)
+        if callback is not None and callback(i, t, x_in, StepOutput(x, out.pred_original_sample)) is False:
+            result.stopped = i < len(timesteps) - 1
+            break
+    return result

@@ -18,12 +18,9 @@ so a diffusers `unet/` state dict loads with `load_state_dict(strict=True)`. The
 buffers: the sinusoidal frequencies are computed in `forward`, so the model can be built on the
 meta device and loaded with `assign=True`.
 
-Speed: the layers below are plain PyTorch. Four CPU-inference tricks, none of which changes a
-result beyond float32 rounding, live together at the end of the file: feature maps in
-channels-last memory (`_channels_last`), small convolutions computed as one matrix product on
-their patches (`Conv2d`), linear layers on oneDNN rather than MKL (`Linear`), and GEGLU's GELU
-fused into its matrix product (`_geglu_onednn`). `Conv2d` and `Linear` are `nn.Conv2d` and
-`nn.Linear` with the same parameters; read them as such. bench/unet_ablation.py measures each.
+Speed: the layers are plain PyTorch (`nn.Linear`, `nn.Conv2d`). On a CPU, `sdlearn.fast_cpu` swaps
+in subclasses that compute the same thing faster (load_pipeline does it by default); they keep
+these parameters and this state dict.
 """
 from __future__ import annotations
 
@@ -58,8 +55,8 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = Linear(in_dim, dim)
-        self.linear_2 = Linear(dim, dim)
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(emb)))
@@ -77,11 +74,11 @@ class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, t_dim: int, groups: int, eps: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
-        self.conv1 = Conv2d(c_in, c_out, 3, padding=1)
-        self.time_emb_proj = Linear(t_dim, c_out)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.time_emb_proj = nn.Linear(t_dim, c_out)
         self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
-        self.conv2 = Conv2d(c_out, c_out, 3, padding=1)
-        self.conv_shortcut = Conv2d(c_in, c_out, 1) if c_in != c_out else None
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     @classmethod
     def from_config(cls, c_in: int, c_out: int, cfg: UNetConfig) -> "ResBlock":
@@ -109,10 +106,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         context_dim = context_dim or dim
         self.heads = heads
-        self.to_q = Linear(dim, dim, bias=False)
-        self.to_k = Linear(context_dim, dim, bias=False)
-        self.to_v = Linear(context_dim, dim, bias=False)
-        self.to_out = nn.ModuleList([Linear(dim, dim)])   # diffusers' to_out.1 is a dropout
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])   # diffusers' to_out.1 is a dropout
         self.tag: str | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,11 +123,9 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = Linear(dim, 2 * inner)
+        self.proj = nn.Linear(dim, 2 * inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _onednn_inference(x, self.proj.weight):
-            return _geglu_onednn(x, self.proj.weight, self.proj.bias)     # the same, fused (see below)
         a, b = self.proj(x).chunk(2, dim=-1)
         return a * F.gelu(b)
 
@@ -142,7 +137,7 @@ class FeedForward(nn.Module):
         super().__init__()
         # net.1 is diffusers' dropout slot (no weights, identity at inference): kept so that
         # the second linear is called `net.2`, as in the checkpoints.
-        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), Linear(mult * dim, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.net[0](x))
@@ -187,9 +182,9 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels: int, heads: int, context_dim: int, depth: int, groups: int):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = Conv2d(channels, channels, 1)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim) for _ in range(depth))
-        self.proj_out = Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
 
     @classmethod
     def from_config(cls, channels: int, cfg: UNetConfig) -> "SpatialTransformer":
@@ -208,7 +203,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -225,7 +220,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
@@ -316,7 +311,7 @@ class UNet(nn.Module):
         self.config = cfg = config
         ch = cfg.block_out_channels
         levels = len(ch)
-        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
 
         self.down_blocks = nn.ModuleList(
@@ -331,7 +326,7 @@ class UNet(nn.Module):
             for i in range(levels))
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
-        self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         tag_attention_layers(self)
 
     @property
@@ -344,15 +339,14 @@ class UNet(nn.Module):
         t = self._check_inputs(latents, timesteps, context)
         t_emb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(latents.dtype))
 
-        x = self.conv_in(_channels_last(latents))
+        x = self.conv_in(latents)
         skips = [x]
         for block in self.down_blocks:
             x = block(x, t_emb, context, skips)
         x = self.mid_block(x, t_emb, context)
         for block in self.up_blocks:
             x = block(x, t_emb, context, skips)
-        eps = self.conv_out(F.silu(self.conv_norm_out(x)))
-        return eps.contiguous()
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
 
     def _check_inputs(self, latents: torch.Tensor, timesteps, context: torch.Tensor) -> torch.Tensor:
         """Validate shapes; return the timesteps as a 1-D tensor of length B."""
@@ -393,99 +387,3 @@ class UNet(nn.Module):
             for hook in hooks:
                 hook.remove()
         return rows
-
-
-# ----------------------------------------------------------------------------------------------
-# Speed. Nothing below changes what the UNet computes, only how fast the CPU computes it.
-# ----------------------------------------------------------------------------------------------
-
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    """Keep feature maps in channels-last memory, (B, H, W, C) in memory, still indexed (B, C, H, W).
-
-    oneDNN's convolutions run faster on it, and a spatial transformer's (B, C, H, W) → (B, H·W, C)
-    token view becomes free instead of a copy. Convolutions keep the format of their input, so
-    setting it once on the latents is enough.
-    """
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-class Conv2d(nn.Conv2d):
-    """`nn.Conv2d` that, for inference on the CPU, runs small convolutions as one matrix product.
-
-    oneDNN (PyTorch's CPU convolution library) first copies the weight into a blocked layout of
-    its choosing, on every call. On 64×64 and 32×32 maps that copy is cheap next to the
-    convolution; on the deep levels' 16×16 and 8×8 maps, with 1280×1280×3×3 weights, it costs
-    two to five times the arithmetic. There the convolution is written as what it is, a matrix
-    product on the patches (im2col), which reads the weight as stored:
-
-        cols[(b, y, x), (c, i, j)] = x_pad[b, c, s·y + i, s·x + j]      (B·H'·W', C_in·k·k)
-        out = cols Wᵀ + bias        W = weight viewed as (C_out, C_in·k·k): a view, no copy
-
-    The re-layout costs in proportion to C_out·C_in·k², the patch copy to B·H'·W'·C_in·k², so the
-    product wins when the output has few pixels for its channels: B·H'·W' ≤
-    `MATMUL_PIXELS_PER_CHANNEL` · C_out. Always for 1×1 convolutions, where cols is the
-    channels-last map itself (no copy at all). No copy of the weights is kept, so
-    there is nothing to invalidate: same parameters, same state dict, same results to float32
-    rounding. Autograd, other devices and dtypes, dilation and groups use the plain `nn.Conv2d`.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (_onednn_inference(x, self.weight) and self.groups == 1 and self.dilation == (1, 1)
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
-            return super().forward(x)
-        b, _, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-        if (kh, kw, sh, sw, ph, pw) != (1, 1, 1, 1, 0, 0) and b * ho * wo > MATMUL_PIXELS_PER_CHANNEL * self.out_channels:
-            return super().forward(x)
-        cols = x.permute(0, 2, 3, 1)                                    # (B, H, W, C): free when channels-last
-        if (kh, kw, sh, sw) != (1, 1, 1, 1):
-            cols = F.pad(cols, (0, 0, pw, pw, ph, ph)).unfold(1, kh, sh).unfold(2, kw, sw)  # (B, H', W', C, k, k)
-        out = torch.ops.mkldnn._linear_pointwise(cols.reshape(b * ho * wo, -1), self.weight.view(self.out_channels, -1),
-                                                 self.bias, "none", [], "")
-        return out.view(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)   # (B, C_out, H', W'), channels-last
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` that, for inference on the CPU, runs on oneDNN instead of the BLAS library.
-
-    PyTorch's CPU matrix products go to Intel MKL, which is known to choose slow code paths on
-    AMD processors; oneDNN generates its own code for the CPU it finds. On the AMD EPYC (AVX-512)
-    this project was measured on, oneDNN computes the UNet's linear layers about twice as fast
-    (a 1280-channel transformer block: 0.16 s instead of 0.34 s). Same parameters, same results
-    to float32 rounding; autograd, other devices and dtypes use the plain `nn.Linear`.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _onednn_inference(x, self.weight):
-            return super().forward(x)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-
-def _geglu_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """GEGLU as two oneDNN matrix products on the two halves of its weight (views, no copy), the
-    GELU (exact, erf) fused into the second one's output:  a = x W_aᵀ + b_a,  g = GELU(x W_bᵀ + b_b),
-    a · g. It saves the separate GELU pass and the chunked copy: 52 ms instead of 75 for the
-    first level's feed-forward (8192 tokens × 320 → 2 × 1280) on the 2-core EPYC."""
-    inner = weight.shape[0] // 2
-    linear = torch.ops.mkldnn._linear_pointwise
-    gate = linear(x, weight[inner:], bias[inner:], "gelu", [], "none")     # "none": erf GELU, not tanh
-    return linear(x, weight[:inner], bias[:inner], "none", [], "").mul_(gate)
-
-
-def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """May this layer use oneDNN's inference-only ops? CPU, float32, no autograd graph, and not
-    while `torch.compile` traces the model (its compiler makes its own choices for plain layers)."""
-    return (_ONEDNN_OPS and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.compiler.is_compiling())
-
-
-# A k×k convolution runs as a matrix product when its output has at most this many pixels
-# (batch × height × width) per output channel. Measured on the 2-core AMD EPYC (AVX-512) this
-# project uses, 1280→1280 3×3: 8×8 × batch 2 (128 pixels, 0.1 per channel) 11 ms instead of 49;
-# 16×16 × 2 (512, 0.4) 38 ms instead of 68; 16×16 × 4 (1024, 0.8) about even. 640→640 at 16×16 × 2
-# (512, 0.8): even; at 32×32 × 2 (3.2) 57 ms instead of 34. The tiny model's 128 channels at 8×8 × 2
-# (1 per channel): 1.4× slower as a product.
-MATMUL_PIXELS_PER_CHANNEL = 0.5
-_ONEDNN_OPS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

@@ -118,7 +118,7 @@ def test_gpu_benchmark_compiled_variants_on_the_cpu(capsys):
 
 
 def test_unet_ablation_switches_each_speed_path(capsys):
-    """bench/unet_ablation.py patches sdlearn's speed paths off one by one: with all of them off the
+    """bench/unet_ablation.py switches sdlearn's speed paths on one by one (fast_cpu.enable): with none on the
     UNet must compute exactly what diffusers' does (the same operations), and every variant must
     stay within the parity tolerance."""
     import unet_ablation

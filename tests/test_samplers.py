@@ -306,24 +306,46 @@ def test_noise_from_a_cpu_generator_is_device_independent():
     assert torch.equal(a, torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
 
 
-def test_sample_loop_is_the_pipeline_loop():
+def test_sample_loop_runs_each_step_in_order():
+    """sample_loop against the plain diffusers-style loop `run` above; its callback sees what the
+    model saw (the ordinary x_t, whatever scale the sampler keeps) and each step's x̂₀."""
     from sdlearn.samplers import sample_loop
     for name in ("euler_a", "pndm"):
         s = get_sampler(name)
-        seen, inputs = [], []
-        final = sample_loop(s, MODEL, x_T(), 5, generator=torch.Generator().manual_seed(2),
-                            callback=lambda i, t, x_in, out: (seen.append(int(t)), inputs.append(x_in)))
+        s.set_timesteps(5)
+        seen, inputs, x0s = [], [], []
+        result = sample_loop(s, MODEL, x_T() * s.init_noise_sigma, s.timesteps, generator=torch.Generator().manual_seed(2),
+                             callback=lambda i, t, x_in, out: (seen.append(int(t)), inputs.append(x_in),
+                                                               x0s.append(out.pred_original_sample)))
         s2 = get_sampler(name)
         s2.set_timesteps(5)
         expected = run(s2, x_T(), generator=torch.Generator().manual_seed(2))
-        assert seen == [int(t) for t, _, _ in expected]
-        assert torch.equal(final, expected[-1][1])
+        assert seen == [int(t) for t, _, _ in expected] and result.steps == len(expected) and not result.stopped
+        assert torch.equal(result.x, expected[-1][1]) and torch.equal(result.x0_hat, expected[-1][2])
+        assert torch.equal(x0s[1], expected[1][2])
         # what the model saw at step 2: the sample after step 1, scaled for the model
         s3 = get_sampler(name)
         s3.set_timesteps(5)
         if isinstance(s3, SigmaSampler):
             s3.step_index = 2
         assert torch.equal(inputs[2], s3.scale_input(expected[1][1], s3.timesteps[2]))
+
+
+def test_sample_loop_blends_after_each_step_and_stops_when_asked():
+    from sdlearn.samplers import sample_loop
+    s = get_sampler("ddim")
+    s.set_timesteps(6)
+    keep = torch.zeros(2, 4, 8, 8)
+    keep[..., :4] = 1                                            # the blend pins the left half to zero
+    blended = []
+    result = sample_loop(s, MODEL, x_T(), s.timesteps, blend=lambda i, x: blended.append(i) or x * (1 - keep),
+                         callback=lambda i, t, x_in, out: i < 2)
+    assert blended == [0, 1, 2] and result.steps == 3 and result.stopped
+    assert (result.x[..., :4] == 0).all() and (result.x[..., 4:] != 0).all()
+    last = sample_loop(s, MODEL, x_T(), s.timesteps[:2], callback=lambda *a: False)
+    assert last.steps == 1 and last.stopped                      # asked to stop before the end
+    end = sample_loop(s, MODEL, x_T(), s.timesteps[-1:], callback=lambda *a: False)
+    assert end.steps == 1 and not end.stopped                    # stopping after the last step is no stop
 
 
 @pytest.mark.parametrize("name", list(REFERENCE))

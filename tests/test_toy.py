@@ -57,7 +57,9 @@ def test_samplers_with_the_ideal_denoiser_recover_the_mixture(name):
     mix = GaussianMixture.ring()
     model = IdealDenoiser(mix)
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
-    x = sample_loop(get_sampler(name), model, noise, 50)
+    sampler = get_sampler(name)
+    sampler.set_timesteps(50)
+    x = sample_loop(sampler, model, noise * sampler.init_noise_sigma, sampler.timesteps).x
     nearest = torch.cdist(x, mix.means).min(dim=1)
     assert (nearest.values < 4 * mix.stds[0]).float().mean() > 0.97   # samples land on the blobs
     counts = torch.bincount(nearest.indices, minlength=len(mix.weights)) / len(x)

@@ -1,0 +1,190 @@
+"""Faster CPU inference for the UNet, switched on and off without touching its weights.
+
+`sdlearn/unet.py` is written with plain `nn.Linear`, `nn.Conv2d` and a two-line GEGLU, the
+operations a learner reads in the paper. On a CPU, PyTorch runs some of them slowly; this module
+swaps in subclasses that compute the same thing faster:
+
+    fast_cpu.enable(pipe.unet)       # what load_pipeline(..., fast=True) does on a CPU (the default)
+    fast_cpu.disable(pipe.unet)      # back to the plain layers
+    fast_cpu.enabled(pipe.unet)      # which paths are on: ("channels_last", "linear", "conv", "geglu")
+
+Swapping means giving each layer a subclass as its class (`layer.__class__ = OneDNNLinear`): the
+same object, the same parameters, the same state dict; only `forward` differs. No weight is
+copied or re-laid out ahead of time, so nothing goes stale when the weights change. Every fast
+forward steps aside for the plain one when it cannot help: autograd (training), another device
+or dtype than float32 on the CPU, and while `torch.compile` traces the model. The results equal
+the plain layers' to float32 rounding (tests/test_fast_cpu.py).
+
+What each path buys, switched on one at a time (bench/unet_ablation.py; SD v1.5 UNet, one call on
+latents 2×4×64×64, float32, 2 threads on the project's 2-core AMD EPYC with AVX-512):
+
+    path            what it does                                               UNet call  / diffusers
+    (none)          plain PyTorch layers, NCHW: diffusers' own operations        7.12 s     0.94
+    channels_last   feature maps stored (B, H, W, C): a transformer's tokens     7.31 s     0.96
+                    view (B, H·W, C) becomes free, and so do `conv`'s patches
+    linear          nn.Linear on oneDNN instead of MKL, which takes slow paths   6.11 s     0.80
+                    on AMD CPUs (a 1280-wide transformer block 0.34 → 0.16 s)
+    conv            3×3 convs on small maps as im2col + one matrix product on    5.29 s     0.69
+                    a view of the weight (oneDNN's conv re-lays out the weight
+                    on every call: 1280→1280 at 8×8 takes 11 ms instead of 49)
+    geglu           GEGLU as two oneDNN products, the GELU fused into one        5.12 s     0.67
+                    (first level's feed-forward 75 → 52 ms)
+
+PyTorch's oneDNN ops used here are private (`torch.ops.mkldnn._linear_pointwise`); their
+arguments are spelled out where they are called.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .unet import GEGLU, UNet
+
+PATHS = ("channels_last", "linear", "conv", "geglu")
+
+# A k×k convolution runs as a matrix product when its output has at most this many pixels
+# (batch × height × width) per output channel. Measured on the 2-core AMD EPYC (AVX-512) this
+# project uses, 1280→1280 3×3: 8×8 × batch 2 (128 pixels, 0.1 per channel) 11 ms instead of 49;
+# 16×16 × 2 (512, 0.4) 38 ms instead of 68; 16×16 × 4 (1024, 0.8) about even. 640→640 at 16×16 × 2
+# (512, 0.8): even; at 32×32 × 2 (3.2) 57 ms instead of 34. The tiny model's 128 channels at 8×8 × 2
+# (1 per channel): 1.4× slower as a product.
+MATMUL_PIXELS_PER_CHANNEL = 0.5
+
+AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  post_op: str = "none") -> torch.Tensor:
+    """x Wᵀ + b on oneDNN, optionally followed by a fused elementwise op (`post_op="gelu"`: the
+    exact, erf GELU). (…, in) → (…, out)."""
+    # _linear_pointwise(input, weight, bias, attr, scalars, algorithm):
+    #   attr       the op fused after the product: "none", "relu", "gelu", "swish", …
+    #   scalars    that op's numeric arguments (none needed here)
+    #   algorithm  that op's variant: for "gelu", "none" = erf GELU, "tanh" = the tanh approximation
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], "none" if post_op == "gelu" else "")
+
+
+def _useful(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """May a layer take its oneDNN path? CPU, float32, no autograd graph to build, and not while
+    `torch.compile` traces the model (its compiler makes its own choices for plain layers)."""
+    return (AVAILABLE and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.compiler.is_compiling())
+
+
+class OneDNNLinear(nn.Linear):
+    """`nn.Linear` on oneDNN rather than the BLAS library. PyTorch's CPU matrix products go to
+    Intel's MKL, which takes slow code paths on AMD processors; oneDNN generates its own code for
+    the CPU it finds."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _useful(x, self.weight):
+            return super().forward(x)
+        return onednn_linear(x, self.weight, self.bias)
+
+
+class MatmulConv2d(nn.Conv2d):
+    """`nn.Conv2d` that runs small convolutions as one matrix product on their patches (im2col).
+
+    oneDNN's convolution first copies the weight into a blocked layout of its choosing, on every
+    call. On 64×64 and 32×32 maps that copy is cheap next to the convolution; on the deep levels'
+    16×16 and 8×8 maps, with 1280×1280×3×3 weights, it costs two to five times the arithmetic.
+    There the convolution is written as what it is:
+
+        cols[(b, y, x), (c, i, j)] = x_pad[b, c, s·y + i, s·x + j]      (B·H'·W', C_in·k·k)
+        out = cols Wᵀ + bias        W = weight viewed as (C_out, C_in·k·k): a view, no copy
+
+    The re-layout costs in proportion to C_out·C_in·k², the patch copy to B·H'·W'·C_in·k², so the
+    product wins when the output has few pixels for its channels: B·H'·W' ≤
+    MATMUL_PIXELS_PER_CHANNEL · C_out. Always for 1×1 convolutions, where cols is the
+    channels-last map itself (no copy at all). Dilation, groups and padding modes other than
+    zeros use the plain convolution.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (_useful(x, self.weight) and self.groups == 1 and self.dilation == (1, 1)
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
+            return super().forward(x)
+        b, _, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        pointwise = (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)
+        if not pointwise and b * ho * wo > MATMUL_PIXELS_PER_CHANNEL * self.out_channels:
+            return super().forward(x)
+        cols = x.permute(0, 2, 3, 1)                                    # (B, H, W, C): free when channels-last
+        if not pointwise:
+            cols = F.pad(cols, (0, 0, pw, pw, ph, ph)).unfold(1, kh, sh).unfold(2, kw, sw)  # (B, H', W', C, k, k)
+        out = onednn_linear(cols.reshape(b * ho * wo, -1), self.weight.view(self.out_channels, -1), self.bias)
+        return out.view(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)   # (B, C_out, H', W'), channels-last
+
+
+class FusedGEGLU(GEGLU):
+    """GEGLU as two oneDNN products on the two halves of its weight (views, no copy), the GELU
+    fused into the second one's output:  a = x W_aᵀ + b_a,  g = GELU(x W_bᵀ + b_b),  a · g.
+    It saves the separate GELU pass and the copy `chunk` makes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.proj.weight, self.proj.bias
+        if not _useful(x, w):
+            return super().forward(x)
+        inner = w.shape[0] // 2
+        gate = onednn_linear(x, w[inner:], b[inner:], post_op="gelu")
+        return onednn_linear(x, w[:inner], b[:inner]).mul_(gate)
+
+
+# -- the switch ----------------------------------------------------------------------------------
+
+_SWAPS = {"linear": (nn.Linear, OneDNNLinear), "conv": (nn.Conv2d, MatmulConv2d), "geglu": (GEGLU, FusedGEGLU)}
+
+
+def _to_channels_last(module, args):
+    """Forward pre-hook: the latents in channels-last memory; every convolution keeps the format
+    of its input, so setting it once on the UNet's input is enough."""
+    latents, *rest = args
+    return (latents.contiguous(memory_format=torch.channels_last), *rest)
+
+
+def _to_contiguous(module, args, output):
+    """Forward hook: hand back ε in the ordinary (NCHW) memory format."""
+    return output.contiguous()
+
+
+def enable(unet: UNet, paths: tuple[str, ...] | list[str] = PATHS) -> UNet:
+    """Switch the given speed paths on (all by default); returns the same UNet."""
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown:
+        raise ValueError(f"unknown speed path(s) {unknown}; expected some of {', '.join(PATHS)}")
+    if not isinstance(unet, UNet):
+        raise TypeError(f"fast_cpu works on sdlearn's UNet; got {type(unet).__name__}")
+    disable(unet)
+    for module in unet.modules():
+        for path in paths:
+            plain, fast = _SWAPS.get(path, (None, None))
+            if plain is not None and type(module) is plain:
+                module.__class__ = fast
+    hooks = {"contiguous": unet.register_forward_hook(_to_contiguous)}   # `conv` answers channels-last too
+    if "channels_last" in paths:
+        hooks["channels_last"] = unet.register_forward_pre_hook(_to_channels_last)
+    unet._fast_cpu_hooks = hooks
+    return unet
+
+
+def disable(unet: UNet) -> UNet:
+    """Back to the plain PyTorch layers; returns the same UNet."""
+    for module in unet.modules():
+        for plain, fast in _SWAPS.values():
+            if type(module) is fast:
+                module.__class__ = plain
+    for hook in getattr(unet, "_fast_cpu_hooks", {}).values():
+        hook.remove()
+    unet._fast_cpu_hooks = {}
+    return unet
+
+
+def enabled(unet: UNet) -> tuple[str, ...]:
+    """The speed paths now switched on, in the order of PATHS."""
+    on = {path for path, (_, fast) in _SWAPS.items() if any(type(m) is fast for m in unet.modules())}
+    if "channels_last" in getattr(unet, "_fast_cpu_hooks", {}):
+        on.add("channels_last")
+    return tuple(p for p in PATHS if p in on)
