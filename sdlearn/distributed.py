@@ -1,14 +1,18 @@
 """Training on several processes: N processes compute what one process computes.
 
     torchrun --standalone --nproc_per_node 2 -m sdlearn.train unet --out runs/tiny      # one machine
-    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d \\
-             --rdzv_endpoint HOST:29500 -m sdlearn.train unet --out runs/tiny          # on each machine
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_id tiny --rdzv_backend c10d \\
+             --rdzv_endpoint HOST:29500 -m sdlearn.train unet --out /shared/runs/tiny   # on each machine
+
+nccl on GPUs (--device cuda, one GPU per process), gloo on CPUs. On several machines the run
+folder must be one they all see: rank 0 writes the checkpoints there, and every process reads
+them on --resume and, in stage 2, stage 1's latents.pt.
 
 The batch of step k (which pictures, ε, t, caption dropout) is drawn for the *global* batch of B
 rows from a CPU generator seeded with (seed, k), identically in every process; process r of N
 keeps rows r·B/N … (r+1)·B/N − 1. DistributedDataParallel then averages the gradients,
 
-    ∇L = (1/N) Σ_r ∇L_r,   L_r = the mean loss over process r's B/N rows  =  ∇ of the mean over all B rows,
+    (1/N) Σ_r ∇L_r = ∇L,   L_r the mean loss over process r's B/N rows, L the mean over all B rows,
 
 so every process takes the same optimizer step, and that step is the one a single process would
 take on the whole batch (up to float rounding: the sums run in a different order).

@@ -463,6 +463,7 @@ def train_unet(out: str | Path, *, config: ModelConfig | str | None = None, resu
 
 
 def load_ema_vae(out: Path, config: ModelConfig, device: torch.device) -> nn.Module:
+    """Stage 1's EMA weights (vae.pt in the run folder `out`) in an AutoencoderKL, in eval mode."""
     model = Reconstruction(AutoencoderKL(config.vae))
     model.load_state_dict(load_checkpoint(out / "vae.pt")["ema"])
     return model.vae.to(device).eval()

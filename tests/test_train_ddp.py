@@ -26,7 +26,7 @@ TOLERANCE = 1e-5
 
 def _torchrun(stage: str, out: Path, trace: Path) -> None:
     """`torchrun --standalone --nproc_per_node 2 -m sdlearn.train STAGE …` on the CPU: two one-thread
-    processes, gloo. With --device=cuda (one GPU per process) the same command runs with nccl."""
+    processes, gloo. With --device=cuda (one GPU per process) the same command uses nccl."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS[stage].items()]
     config = ["--config=micro"] if stage == "vae" else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -97,8 +97,9 @@ def test_two_processes_hold_the_weights_one_process_holds_after_every_step(tmp_p
     process training on another process's rows gives 9e-3 at step 1, a process whose gradients
     are not averaged differs from the other, summed gradients give twice the gradient norm.
 
-    ~20 s on 2 CPU cores. The same command runs on GPUs with nccl (--device=cuda, one GPU per
-    process) and on several machines (README, "The tiny model").
+    ~20 s on 2 CPU cores. The same command, with --device=cuda and one GPU per process, runs with
+    nccl (init_distributed picks it; not run here, which needs two GPUs), and on several machines
+    with torchrun's --nnodes and --rdzv_* options (sdlearn/distributed.py).
     """
     one, two, two_unet = tmp_path / "one", tmp_path / "two", tmp_path / "two_unet"
     for folder in ("trace1", "trace2"):
