@@ -188,6 +188,14 @@ class ModelConfig(_Config):
     def tiny(cls) -> "ModelConfig":
         return cls(CLIPTextConfig.tiny(), UNetConfig.tiny(), VAEConfig.tiny())
 
+    @classmethod
+    def micro(cls) -> "ModelConfig":
+        """The smallest sensible model, for tests and smoke runs of training (milliseconds per step)."""
+        return cls(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+                   UNetConfig(block_out_channels=(16, 32), attention_levels=(False, True), layers_per_block=1,
+                              num_heads=2, cross_attention_dim=32, norm_num_groups=8, sample_size=8),
+                   VAEConfig(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64))
+
     def to_dict(self) -> dict[str, Any]:
         return {"text_encoder": self.text_encoder.to_dict(), "unet": self.unet.to_dict(), "vae": self.vae.to_dict()}
 

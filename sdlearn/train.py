@@ -2,34 +2,31 @@
 
     sdlearn train vae    --out runs/tiny --steps 1500      # reconstruction + small KL
     sdlearn train unet   --out runs/tiny --steps 4000      # ε-prediction, caption dropout
-    sdlearn train export runs/tiny sdlearn/data/tiny.safetensors
-    sdlearn train history runs/tiny          # losses and evaluations → sdlearn/data/tiny_training_log.json
-    torchrun --nproc_per_node 2 -m sdlearn.train unet --out runs/tiny    # several processes
+    sdlearn train export runs/tiny sdlearn/data/tiny.safetensors          (sdlearn/export.py)
+    sdlearn train history runs/tiny    # → sdlearn/data/tiny_training_log.json (sdlearn/runlog.py)
+    torchrun --nproc_per_node 2 -m sdlearn.train unet --out runs/tiny    # several processes (sdlearn/distributed.py)
 
 Stage 1, the VAE (Rombach et al. 2022, §3 and appendix G, without the GAN and LPIPS terms):
 
-    x̂ = D(z),  z = μ + σ·ε  with (μ, log σ²) = E(x)
-    L_vae = |x − x̂|₁ + λ₂ ‖x − x̂‖² + λ_edge |∇x − ∇x̂|₁ + λ_KL · KL(N(μ, σ²) ‖ N(0, I)) / dim z
+    x̂ = D(z),  z = μ + σ·ε  with (μ, log σ²) = E(x),     minimising `vae_loss` (L1, L2, edges, KL)
 
-  (all means per element). Afterwards the whole dataset is encoded once, and the latent scale
-  is *measured*: scaling_factor = 1 / std(z) over the dataset (SD v1 did the same and got 0.18215),
-  stored in the run's config.json, so the diffusion model sees latents of unit variance.
+  then the whole dataset is encoded once, and the latent scale is *measured*: scaling_factor =
+  1 / std(z) over the dataset (SD v1 did the same and got 0.18215), stored in the run's
+  config.json, so the diffusion model sees latents of unit variance.
 
 Stage 2, the UNet and a CLIP-architecture text encoder trained from scratch on the real
 tokenizer (Ho et al. 2020, Algorithm 1; classifier-free guidance as Ho & Salimans 2022):
 
-    z₀ = s · (μ + σ·ε′),  t ~ U{0 … 999},  ε ~ N(0, I),  z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε
-    c = CLIP(caption), replaced by CLIP("") with probability p_drop
-    L_unet = ‖ε − ε_θ(z_t, t, c)‖²
+    z₀ = s · (μ + σ·ε′),  t ~ U{0 … 999},  ε ~ N(0, I),  c = CLIP(caption or "": `caption_dropout`)
+    minimising `noise_prediction_loss`  ‖ε − ε_θ(√ᾱ_t z₀ + √(1−ᾱ_t) ε, t, c)‖²
 
-with SD v1's scaled_linear schedule. Both stages use AdamW with a linear warm-up, an EMA of
-the weights (the EMA weights are what gets exported), gradient clipping, periodic checkpoints
-(model, EMA, optimizer, step, RNG state) and `--resume`.
+  with SD v1's scaled_linear schedule.
 
-Randomness: the batch of step k (which images, ε, t, dropout) is drawn from a generator seeded
-with (seed, k), for the *global* batch; each process takes its slice. So a resumed run continues
-exactly as an uninterrupted one would, and N processes compute the same thing as one process
-with the same global batch (DistributedDataParallel averages the gradients).
+Both stages use AdamW with a linear warm-up, an EMA of the weights (the EMA weights are what
+gets exported), gradient clipping, periodic checkpoints (model, EMA, optimizer, step, RNG
+state) and `--resume`. The batch of step k is drawn from a generator seeded with (seed, k), so
+a resumed run continues exactly as an uninterrupted one would, and N processes compute what one
+process computes (sdlearn/distributed.py).
 
 A run folder holds config.json (the ModelConfig), vae.pt, latents.pt, unet.pt, log.jsonl (losses
 and evaluations, one JSON object per line) and samples-*.png (the evaluation prompts' images).
@@ -48,16 +45,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from . import analyser, shapes
-from .configs import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
-from .device import resolve_device
+from .clip import CLIPTextModel
+from .configs import ModelConfig
+from .distributed import Dist, init_distributed, step_generator
+from .export import evaluate_alignment, export, training_pipeline
+from .runlog import TINY_HISTORY, append_log, write_training_history
+from .schedule import NoiseSchedule
+from .tokenizer import default_tokenizer
+from .unet import UNet
+from .vae import AutoencoderKL
 
-MAX_EXPORT_BYTES = 25_000_000
-EXPORT_DEFAULTS = {"sampler": "ddim", "steps": 20}   # what the tiny model is evaluated (and used) with
+TRACE_ENV = "SDLEARN_TRACE_WEIGHTS"   # a folder: every process saves its weights after every step there
 
 
 # --------------------------------------------------------------------------------- settings
@@ -95,72 +100,16 @@ STAGE_DEFAULTS = {
 }
 
 
-def micro_config() -> ModelConfig:
-    """The smallest sensible model, for tests and smoke runs (a few seconds per step → ms)."""
-    return ModelConfig(
-        CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
-        UNetConfig(block_out_channels=(16, 32), attention_levels=(False, True), layers_per_block=1, num_heads=2,
-                   cross_attention_dim=32, norm_num_groups=8, sample_size=8),
-        VAEConfig(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64))
-
-
 def resolve_config(name: str) -> ModelConfig:
     """"tiny", "micro", or a path to a JSON file holding ModelConfig.to_dict()."""
     if name == "tiny":
         return ModelConfig.tiny()
     if name == "micro":
-        return micro_config()
+        return ModelConfig.micro()
     path = Path(name)
     if not path.exists():
         raise ValueError(f"config {name!r}: expected 'tiny', 'micro' or a JSON file of ModelConfig.to_dict()")
     return ModelConfig.from_dict(json.loads(path.read_text()))
-
-
-# --------------------------------------------------------------------------------- processes
-
-@dataclass
-class Dist:
-    """Where this process runs: rank r of `world` processes, on `device`."""
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def mean(self, value: float) -> float:
-        """The mean of a number over all processes."""
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return t.item() / self.world
-
-
-def init_distributed(device: str | None = None) -> Dist:
-    """One process (default), or one of WORLD_SIZE processes started by torchrun: then the
-    process group is initialised with nccl on GPUs, gloo on CPUs, one GPU per local rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = resolve_device(device)
-    if world == 1:
-        return Dist(0, 1, dev)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, dev)
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The CPU generator for training step `step`: same numbers in every process and on resume."""
-    return torch.Generator().manual_seed((seed % 2**31) * 2**32 + step)
 
 
 # --------------------------------------------------------------------------------- EMA, checkpoints
@@ -195,73 +144,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _log(out: Path, record: dict[str, Any]) -> None:
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_log(out: str | Path) -> list[dict[str, Any]]:
-    """The run's log.jsonl as a list of dicts (losses per log step, evaluations)."""
-    path = Path(out) / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-TINY_HISTORY = Path(__file__).resolve().parent / "data" / "tiny_training_log.json"
-NOT_LOSSES = ("stage", "step", "grad_norm", "lr", "sec_per_step")
-
-
-def training_history(log: list[dict[str, Any]], every: int = 100) -> dict[str, Any]:
-    """A run's log (`read_log`) condensed to a few KB, to ship next to the model it trained.
-
-    Per stage: the loss terms averaged over windows of `every` steps (the window ending at step
-    s holds steps s − every + 1 … s), and the training time Σ sec_per_step · (steps since the
-    previous record) in minutes. Evaluations and VAE measurements are kept whole. A step logged
-    twice (a run resumed from a checkpoint older than its last log line) counts once: its last record.
-
-        {"every": 100, "stages": {"vae": {"step": [100, 200, …], "loss": […], "l1": […], …,
-                                          "minutes": 51.3}, "unet": {…}},
-         "measure": [{"step": 1500, "l1": …, "scaling_factor": …}, …],
-         "eval": [{"step": 1000, "guidance": {"5.0": {"colour": …, …}, "1.0": {…}}}, …]}
-    """
-    last: dict[tuple[str, int], dict[str, Any]] = {}
-    history: dict[str, Any] = {"every": every, "stages": {}, "measure": [], "eval": []}
-    for record in log:
-        if "loss" in record:
-            last[(record["stage"], record["step"])] = record
-        elif "measure" in record:
-            history["measure"].append({"step": record["step"], **record["measure"]})
-        elif "eval" in record:
-            history["eval"].append({"step": record["step"], "guidance": record["eval"]})
-    for stage in dict.fromkeys(stage for stage, _ in last):
-        records = sorted((r for (s, _), r in last.items() if s == stage), key=lambda r: r["step"])
-        names = [k for k in records[0] if k not in NOT_LOSSES]
-        windows: dict[int, list[dict[str, Any]]] = {}
-        for r in records:
-            windows.setdefault(-(-r["step"] // every) * every, []).append(r)
-        steps = [0] + [r["step"] for r in records]
-        seconds = sum(r["sec_per_step"] * (step - before) for r, step, before in zip(records, steps[1:], steps))
-        history["stages"][stage] = {"step": list(windows), **{
-            k: [round(sum(r[k] for r in rs) / len(rs), 6) for rs in windows.values()] for k in names},
-            "minutes": round(seconds / 60, 1)}
-    return history
-
-
-def write_training_history(run: str | Path, path: str | Path = TINY_HISTORY, every: int = 100) -> Path:
-    """`training_history` of the run folder's log.jsonl → a JSON file (by default the one shipped
-    with the tiny model, which the notebooks plot since run folders are not committed)."""
-    history = training_history(read_log(run), every)
-    if not history["stages"]:
-        raise FileNotFoundError(f"{Path(run) / 'log.jsonl'} holds no training records; pass the run folder")
-    path = Path(path)
-    path.write_text(json.dumps(history, separators=(",", ":")) + "\n")
-    return path
-
-
-def read_training_history(path: str | Path = TINY_HISTORY) -> dict[str, Any]:
-    """The history `write_training_history` wrote (by default the tiny model's)."""
-    return json.loads(Path(path).read_text())
-
-
 # --------------------------------------------------------------------------------- the loop
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -273,10 +155,11 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 def _fit(stage: str, model: nn.Module, loss_fn: Callable, s: Settings, dist: Dist, out: Path,
          config: ModelConfig, resume: bool, evaluate: Callable | None = None) -> dict[str, Any]:
     """The loop both stages share. `loss_fn(net, step) → (loss, {name: value})` where `net` is
-    the (possibly DDP-wrapped) model; `evaluate(ema_model, step)` runs on the main process."""
-    from tqdm.auto import tqdm
-
+    the (possibly DDP-wrapped) model; `evaluate(ema_model, step)` runs on the main process.
+    With $SDLEARN_TRACE_WEIGHTS set to a folder, every process saves its weights there after
+    every step, as {stage}-{step}-rank{rank}.pt (tests/test_train_ddp.py compares them)."""
     path = out / f"{stage}.pt"
+    trace = Path(os.environ[TRACE_ENV]) if os.environ.get(TRACE_ENV) else None
     opt = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.lr, betas=(0.9, 0.999))
     ema = EMA(model, s.ema_decay)
     start = 0
@@ -313,6 +196,8 @@ def _fit(stage: str, model: nn.Module, loss_fn: Callable, s: Settings, dist: Dis
         opt.step()
         ema.update(model, step)
         done = step + 1
+        if trace is not None:
+            torch.save(model.state_dict(), trace / f"{stage}-{done}-rank{dist.rank}.pt")
         if done % s.log_every == 0 or done == s.steps:
             now = time.perf_counter()
             record = {"stage": stage, "step": done, "loss": dist.mean(loss.item()),
@@ -320,7 +205,7 @@ def _fit(stage: str, model: nn.Module, loss_fn: Callable, s: Settings, dist: Dis
                       "lr": opt.param_groups[0]["lr"], "sec_per_step": (now - tick) / (done - last)}
             tick, last = now, done
             if dist.main:
-                _log(out, record)
+                append_log(out, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
         if done % s.checkpoint_every == 0 or done == s.steps:
             checkpoint(done)
@@ -348,12 +233,8 @@ def _prepare(stage: str, out: Path, settings: dict[str, Any], resume: bool) -> S
 
 def _dataset(s: Settings, dist: Dist, cache_dir: str | Path | None) -> shapes.ShapeDataset:
     """The training pictures; the main process draws (and caches) them first."""
-    if dist.main:
-        data = shapes.make_dataset(s.images, s.seed, two_shapes=s.two_shapes, cache_dir=cache_dir)
-    dist.barrier()
-    if not dist.main:
-        data = shapes.make_dataset(s.images, s.seed, two_shapes=s.two_shapes, cache_dir=cache_dir)
-    return data
+    return dist.main_first(lambda: shapes.make_dataset(s.images, s.seed, two_shapes=s.two_shapes,
+                                                       cache_dir=cache_dir))
 
 
 def _to_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -383,7 +264,13 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, kl: torch.Tensor, latent_numel: int,
              s: Settings) -> tuple[torch.Tensor, dict[str, float]]:
-    """L1 + λ₂·L2 + λ_edge·|∇x − ∇x̂|₁ + λ_KL·KL/dim z, every term a mean per element."""
+    """The VAE's loss: reconstruction, edges, and a small KL towards N(0, I).
+
+        L_vae = |x − x̂|₁ + λ₂ ‖x − x̂‖² + λ_edge |∇x − ∇x̂|₁ + λ_KL · KL(N(μ, σ²) ‖ N(0, I)) / dim z
+
+    Every term a mean per element; ∇ the differences between vertical neighbours and between
+    horizontal ones (a mean each, summed); `kl` (B,) is summed over each latent, hence / dim z.
+    x̂, x (B, 3, H, W), kl (B,) → (loss, {"l1", "l2", "edge", "kl"})."""
     l1 = (x_hat - x).abs().mean()
     l2 = (x_hat - x).square().mean()
     edge = sum((a - b).abs().mean() for a, b in zip(_edges(x_hat), _edges(x)))
@@ -398,8 +285,6 @@ def train_vae(out: str | Path, *, config: ModelConfig | str = "tiny", resume: bo
     """Stage 1. Trains (or resumes) the VAE in `out`, then encodes the dataset with the EMA
     weights, measures scaling_factor = 1/std(z) and writes config.json and latents.pt.
     Returns the measurements ({"l1", "latent_mean", "latent_std", "scaling_factor", …})."""
-    from .vae import AutoencoderKL
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dist = init_distributed(device)
@@ -408,16 +293,13 @@ def train_vae(out: str | Path, *, config: ModelConfig | str = "tiny", resume: bo
         config = ModelConfig.from_dict(load_checkpoint(out / "vae.pt")["config"])
     elif isinstance(config, str):
         config = resolve_config(config)
-    if s.batch % dist.world:
-        raise ValueError(f"--batch {s.batch} is not divisible by the {dist.world} processes")
+    part = dist.part(s.batch)                # this process's rows of the global batch
     data = _dataset(s, dist, data_cache)
     torch.manual_seed(s.seed)
     vae = AutoencoderKL(config.vae).to(dist.device)
     f = config.vae.downsample_factor
     latent_shape = (config.vae.latent_channels, data.images.shape[2] // f, data.images.shape[3] // f)
     images = data.images.to(dist.device)
-    local = s.batch // dist.world
-    part = slice(dist.rank * local, (dist.rank + 1) * local)
 
     def loss_fn(net, step):
         g = step_generator(s.seed, step)
@@ -437,7 +319,7 @@ def train_vae(out: str | Path, *, config: ModelConfig | str = "tiny", resume: bo
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         torch.save({"vae_step": fit["step"], "mean": result.pop("_mean"), "std": result.pop("_std")},
                    out / "latents.pt")
-        _log(out, {"stage": "vae", "step": fit["step"], "measure": result})
+        append_log(out, {"stage": "vae", "step": fit["step"], "measure": result})
     dist.barrier()
     return result
 
@@ -480,9 +362,6 @@ class TextToNoise(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        from .clip import CLIPTextModel
-        from .unet import UNet
-
         if config.text_encoder.hidden_size != config.unet.cross_attention_dim:
             raise ValueError(f"the text encoder's width ({config.text_encoder.hidden_size}) must equal the UNet's "
                              f"cross_attention_dim ({config.unet.cross_attention_dim})")
@@ -496,10 +375,6 @@ class TextToNoise(nn.Module):
 def caption_ids(data: shapes.ShapeDataset, s: Settings) -> torch.Tensor:
     """Token ids (N, K, 77) of K captions per picture: the dataset's own, then K−1 re-wordings
     drawn from `default_rng([seed, i, k])`, so the model sees each picture described several ways."""
-    import numpy as np
-
-    from .tokenizer import default_tokenizer
-
     texts = []
     for i, (text, attrs) in enumerate(zip(data.captions, data.attributes)):
         texts.append(text)
@@ -508,15 +383,32 @@ def caption_ids(data: shapes.ShapeDataset, s: Settings) -> torch.Tensor:
     return default_tokenizer()(texts).view(len(data.captions), s.captions_per_image, -1)
 
 
+def caption_dropout(ids: torch.Tensor, empty: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Each caption replaced by the empty one with probability p: u_i ~ U[0, 1) from `generator`,
+    row i → `empty` where u_i < p. Trains the unconditional ε_θ(z_t, t, CLIP("")) that
+    classifier-free guidance needs, in the same network (Ho & Salimans 2022, Algorithm 1).
+    ids (B, 77), empty (1, 77) → (B, 77)."""
+    drop = torch.rand(len(ids), generator=generator) < p
+    return torch.where(drop[:, None], empty, ids)
+
+
+def noise_prediction_loss(eps_model: Callable, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                          cond: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """The diffusion loss (Ho et al. 2020, Algorithm 1): noise z₀ to step t, predict the noise.
+
+        z_t = √ᾱ_t z₀ + √(1 − ᾱ_t) ε,   L = ‖ε − ε_θ(z_t, t, c)‖²   (a mean per element)
+
+    z0, noise (B, 4, h, w), t (B,) indices into the schedule, cond: what eps_model takes as c."""
+    z_t = schedule.q_sample(z0, t, noise)
+    return F.mse_loss(eps_model(z_t, t.to(z0.device), cond), noise)
+
+
 def train_unet(out: str | Path, *, config: ModelConfig | str | None = None, resume: bool = False,
                device: str | None = None, data_cache: str | Path | None = ".cache/shapes",
                **settings) -> dict[str, Any]:
     """Stage 2. Needs stage 1's config.json and latents.pt in `out`. `config` may replace the
     text encoder and UNet sizes (the VAE and its measured scale stay those of the run).
     Returns the last evaluation's scores."""
-    from .schedule import NoiseSchedule
-    from .tokenizer import default_tokenizer
-
     out = Path(out)
     if not (out / "config.json").exists() or not (out / "latents.pt").exists():
         raise FileNotFoundError(f"{out} has no config.json / latents.pt: run `sdlearn train vae --out {out}` first")
@@ -528,48 +420,41 @@ def train_unet(out: str | Path, *, config: ModelConfig | str | None = None, resu
     elif config is not None:
         other = resolve_config(config) if isinstance(config, str) else config
         run_config = run_config.replace(text_encoder=other.text_encoder, unet=other.unet)
-    if s.batch % dist.world:
-        raise ValueError(f"--batch {s.batch} is not divisible by the {dist.world} processes")
+    part = dist.part(s.batch)                # this process's rows of the global batch
     data = _dataset(s, dist, data_cache)
     latents = torch.load(out / "latents.pt")
     if len(latents["mean"]) != len(data.images):
         raise ValueError(f"latents.pt holds {len(latents['mean'])} pictures but --images is {len(data.images)}; "
                          "use the VAE stage's --images and --seed")
     mean, std = latents["mean"].to(dist.device), latents["std"].to(dist.device)
-    ids = caption_ids(data, s).to(dist.device)
-    empty = default_tokenizer()([""]).to(dist.device)
+    ids, empty = caption_ids(data, s), default_tokenizer()([""])
     scale = run_config.vae.scaling_factor
     schedule = NoiseSchedule.scaled_linear()
     torch.manual_seed(s.seed)
     model = TextToNoise(run_config).to(dist.device)
-    local = s.batch // dist.world
-    part = slice(dist.rank * local, (dist.rank + 1) * local)
 
-    def loss_fn(net, step):
+    def loss_fn(net, step):                  # the global batch, drawn in this order; then this process's rows
         g = step_generator(s.seed, step)
-        draw = lambda make: make()[part].to(dist.device)
-        idx = draw(lambda: torch.randint(len(mean), (s.batch,), generator=g))
-        which = draw(lambda: torch.randint(s.captions_per_image, (s.batch,), generator=g))
-        drop = draw(lambda: torch.rand(s.batch, generator=g) < s.caption_dropout)
+        idx = torch.randint(len(mean), (s.batch,), generator=g)
+        which = torch.randint(s.captions_per_image, (s.batch,), generator=g)
+        cond = caption_dropout(ids[idx, which], empty, s.caption_dropout, g)[part].to(dist.device)
         t = torch.randint(schedule.num_train_timesteps, (s.batch,), generator=g)[part]
-        eps_z = draw(lambda: torch.randn((s.batch, *mean.shape[1:]), generator=g))
-        noise = draw(lambda: torch.randn((s.batch, *mean.shape[1:]), generator=g))
-        z0 = scale * (mean[idx] + std[idx] * eps_z)
-        z_t = schedule.q_sample(z0, t, noise)
-        cond = torch.where(drop[:, None], empty, ids[idx, which])
-        loss = F.mse_loss(net(z_t, t.to(dist.device), cond), noise)
-        return loss, {}
+        eps_z = torch.randn((s.batch, *mean.shape[1:]), generator=g)[part].to(dist.device)
+        noise = torch.randn((s.batch, *mean.shape[1:]), generator=g)[part].to(dist.device)
+        idx = idx[part].to(dist.device)
+        z0 = scale * (mean[idx] + std[idx] * eps_z)           # z₀ = s · (μ + σ·ε′)
+        return noise_prediction_loss(net, z0, t, noise, cond, schedule), {}
 
     scores: dict[str, Any] = {}
 
     def evaluate(ema_model: TextToNoise, step: int) -> None:
-        pipe = training_pipeline(ema_model.text_encoder, ema_model.unet, _load_ema_vae(out, run_config, dist.device),
+        pipe = training_pipeline(ema_model.text_encoder, ema_model.unet, load_ema_vae(out, run_config, dist.device),
                                  run_config, dist.device)
         result = evaluate_alignment(pipe, steps=s.eval_steps, guidance=(s.eval_guidance, 1.0),
                                     grid=out / f"samples-{step}.png")
         scores.clear()
         scores.update(result)
-        _log(out, {"stage": "unet", "step": step, "eval": result})
+        append_log(out, {"stage": "unet", "step": step, "eval": result})
         print(f"step {step}: " + "; ".join(f"guidance {g}: " + ", ".join(f"{k} {v:.0%}" for k, v in r.items())
                                           for g, r in result.items()), file=sys.stderr)
 
@@ -577,87 +462,11 @@ def train_unet(out: str | Path, *, config: ModelConfig | str | None = None, resu
     return scores
 
 
-def _load_ema_vae(out: Path, config: ModelConfig, device: torch.device) -> nn.Module:
-    from .vae import AutoencoderKL
-
+def load_ema_vae(out: Path, config: ModelConfig, device: torch.device) -> nn.Module:
+    """Stage 1's EMA weights (vae.pt in the run folder `out`) in an AutoencoderKL, in eval mode."""
     model = Reconstruction(AutoencoderKL(config.vae))
     model.load_state_dict(load_checkpoint(out / "vae.pt")["ema"])
     return model.vae.to(device).eval()
-
-
-# --------------------------------------------------------------------------------- evaluation
-
-def training_pipeline(text_encoder: nn.Module, unet: nn.Module, vae: nn.Module, config: ModelConfig,
-                      device: torch.device | str = "cpu") -> "Pipeline":
-    """A Pipeline around models in memory (the tokenizer is the bundled one), generating with
-    the defaults the export writes: DDIM, 20 steps."""
-    from .pipeline import Pipeline
-    from .schedule import NoiseSchedule
-    from .tokenizer import default_tokenizer
-
-    return Pipeline(tokenizer=default_tokenizer(), text_encoder=text_encoder.eval(), unet=unet.eval(), vae=vae.eval(),
-                    schedule=NoiseSchedule.scaled_linear(), device=torch.device(device), dtype=torch.float32,
-                    config=config, source="training run", defaults=dict(EXPORT_DEFAULTS))
-
-
-def evaluate_alignment(pipe, *, guidance: tuple[float, ...] = (5.0, 1.0), steps: int = 20, seed: int = 0,
-                       grid: str | Path | None = None) -> dict[str, dict[str, float]]:
-    """The 108 grammar prompts at each guidance scale, scored with the analyser:
-    {guidance: {"colour", "shape", "position", "found"}}. With `grid`, the first scale's
-    images are saved there as a picture with their prompts."""
-    result = {}
-    for i, g in enumerate(guidance):
-        scores, pixels = analyser.alignment(pipe, guidance=g, steps=steps, seed=seed)
-        result[str(g)] = scores
-        if grid is not None and i == 0:
-            import matplotlib.pyplot as plt
-
-            from .viz import image_grid
-
-            fig = image_grid(list(pixels), [p["prompt"] for p in shapes.grammar_prompts()], ncols=12, size=1.1,
-                             fontsize=5)
-            fig.savefig(grid, dpi=80)
-            plt.close(fig)
-    return result
-
-
-# --------------------------------------------------------------------------------- export
-
-def export(run: str | Path, path: str | Path, *, dtype: torch.dtype | None = None,
-           max_bytes: int = MAX_EXPORT_BYTES, overwrite: bool = False,
-           defaults: dict[str, Any] | None = None) -> Path:
-    """The run's EMA weights → one safetensors file in the original CompVis single-file layout
-    (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.text_model.*`)
-    with, in its metadata, the ModelConfig ("sdlearn_config"), the generation defaults the
-    pipeline reads ("sdlearn_defaults", default DDIM with 20 steps, as evaluated here) and how it
-    was trained ("sdlearn_training"). dtype None: float32 if the file stays within `max_bytes`,
-    else float16."""
-    from .weights import save_original_checkpoint
-
-    run, path = Path(run), Path(path)
-    config = ModelConfig.from_dict(json.loads((run / "config.json").read_text()))
-    unet_ckpt = load_checkpoint(run / "unet.pt")
-    config = ModelConfig.from_dict({**unet_ckpt["config"], "vae": config.vae.to_dict()})
-    pair = TextToNoise(config)
-    pair.load_state_dict(unet_ckpt["ema"])
-    models = {"text_encoder": pair.text_encoder, "unet": pair.unet, "vae": _load_ema_vae(run, config, torch.device("cpu"))}
-    if dtype is None:
-        n = sum(p.numel() for m in models.values() for p in m.parameters())
-        dtype = torch.float32 if 4 * n <= max_bytes else torch.float16
-    if overwrite and path.exists():
-        path.unlink()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    vae_step = load_checkpoint(run / "vae.pt")["step"]
-    training = {"vae_steps": vae_step, "unet_steps": unet_ckpt["step"], "settings": unet_ckpt["settings"]}
-    defaults = EXPORT_DEFAULTS if defaults is None else defaults
-    save_original_checkpoint(path, models, config, dtype=dtype, extra_metadata={
-        "sdlearn_training": json.dumps(training), "sdlearn_defaults": json.dumps(defaults)})
-    path.chmod(0o644)          # readable by all, like the package's other data files
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise ValueError(f"{path} is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit; "
-                         "shrink the text encoder's width (its 49408-row token embedding dominates)")
-    return path
 
 
 # --------------------------------------------------------------------------------- command line
@@ -700,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`sdlearn train {vae,unet,export} …`; also `python -m sdlearn.train …` (and under torchrun)."""
+    """`sdlearn train {vae,unet,export,history} …`; also `python -m sdlearn.train …` (and under torchrun)."""
     args = build_parser().parse_args(argv)
     if args.stage == "export":
         path = export(args.run, args.path, dtype=getattr(torch, args.dtype) if args.dtype else None,

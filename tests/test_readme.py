@@ -7,7 +7,8 @@ SD v1.x checkpoint of tiny size (original layout) at that path's place and runs 
 
 Blocks that set the machine up (make, pip, venv, conda, the training recipe) are not run here:
 `SETUP` lists the commands they may hold, and a block that mixes them with anything else fails.
-The training recipe's commands are run with few steps by tests/test_train.py.
+The training recipe's commands are run with few steps by tests/test_train.py and, under torchrun,
+tests/test_train_ddp.py.
 """
 from __future__ import annotations
 

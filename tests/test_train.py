@@ -1,19 +1,15 @@
-"""Training at micro scale: the stages run, resume exactly, match across processes, export."""
+"""Training at micro scale: the stages run, resume exactly, export (several processes: test_train_ddp.py)."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from sdlearn import shapes, train
+from sdlearn import export, runlog, shapes, train
 from sdlearn.configs import ModelConfig
 from sdlearn.weights import SafetensorsFile, read_safetensors_header
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = dict(images=32, two_shapes=0.1, seed=3)
 UNET = dict(batch=4, lr=1e-3, warmup=1, log_every=1, checkpoint_every=1, eval_steps=0, captions_per_image=2, **DATA)
 
@@ -37,17 +33,17 @@ def _copy_vae_stage(run: Path, dst: Path) -> Path:
 def test_vae_stage_stores_the_measured_latent_scale(run):
     config = ModelConfig.from_dict(json.loads((run / "config.json").read_text()))
     latents = torch.load(run / "latents.pt")
-    vae = train._load_ema_vae(run, config, torch.device("cpu"))
+    vae = train.load_ema_vae(run, config, torch.device("cpu"))
     images = shapes.make_dataset(DATA["images"], DATA["seed"], two_shapes=DATA["two_shapes"]).images
     mean, std = train.encode_dataset(vae, images, torch.device("cpu"))
     torch.testing.assert_close(latents["mean"], mean)           # the EMA VAE's encoding of the dataset
     z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(123))
     assert config.vae.scaling_factor == pytest.approx(1 / z.std().item(), rel=0.03)
-    assert config.vae.scaling_factor != train.micro_config().vae.scaling_factor
+    assert config.vae.scaling_factor != ModelConfig.micro().vae.scaling_factor
 
 
 def test_log_records_every_step_of_both_stages(run):
-    log = train.read_log(run)
+    log = runlog.read_log(run)
     losses = [(r["stage"], r["step"]) for r in log if "loss" in r]
     assert losses == [("vae", 1), ("vae", 2), ("vae", 3), ("unet", 1), ("unet", 2), ("unet", 3)]
     assert all(r["loss"] > 0 and r["sec_per_step"] > 0 for r in log if "loss" in r)
@@ -76,35 +72,8 @@ def test_resumed_run_equals_an_uninterrupted_one(run, tmp_path):
     assert not all(torch.equal(first[k], a["model"][k]) for k in first)   # training did change the weights
 
 
-def test_two_processes_compute_what_one_process_computes(run, tmp_path):
-    one = _copy_vae_stage(run, tmp_path / "one")
-    train.train_unet(one, steps=2, data_cache=None, **UNET)
-    two = _copy_vae_stage(run, tmp_path / "two")
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in UNET.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "sdlearn.train", "unet", "--out", str(two), "--steps=2", "--data-cache=", "--device=cpu", *flags]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = train.load_checkpoint(one / "unet.pt")["model"], train.load_checkpoint(two / "unet.pt")["model"]
-    losses = lambda out: [r["loss"] for r in train.read_log(out) if r.get("stage") == "unet"]
-    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
-    # Adam's first steps move every weight by about ±lr whatever its gradient's size, so a
-    # gradient that is ~0 may flip sign under a different summation order: compare overall.
-    flat = lambda sd: torch.cat([v.flatten() for v in sd.values()])
-    init = _initial_weights(run)
-    moved_one, moved_two = flat(a) - init, flat(b) - init
-    assert (moved_two - moved_one).norm() < 1e-3 * moved_one.norm()
-
-
-def _initial_weights(run: Path) -> torch.Tensor:
-    config = ModelConfig.from_dict(json.loads((run / "config.json").read_text()))
-    torch.manual_seed(UNET["seed"])
-    return torch.cat([v.flatten() for v in train.TextToNoise(config).state_dict().values()])
-
-
 def test_export_writes_the_ema_weights_in_the_original_layout(run, tmp_path):
-    path = train.export(run, tmp_path / "micro.safetensors")
+    path = export.export(run, tmp_path / "micro.safetensors")
     assert path.stat().st_mode & 0o777 == 0o644
     f = SafetensorsFile(path)
     prefixes = {k.split(".")[0] for k in f.keys()}
@@ -129,16 +98,16 @@ def test_export_writes_the_ema_weights_in_the_original_layout(run, tmp_path):
 
 
 def test_export_falls_back_to_float16_and_refuses_what_does_not_fit(run, tmp_path):
-    fp32 = train.export(run, tmp_path / "a.safetensors").stat().st_size
-    half = train.export(run, tmp_path / "b.safetensors", max_bytes=int(fp32 * 0.6))
+    fp32 = export.export(run, tmp_path / "a.safetensors").stat().st_size
+    half = export.export(run, tmp_path / "b.safetensors", max_bytes=int(fp32 * 0.6))
     assert {t.dtype for t in read_safetensors_header(half).tensors.values()} == {"F16"}
     assert {t.dtype for t in read_safetensors_header(tmp_path / "a.safetensors").tensors.values()} == {"F32"}
     with pytest.raises(ValueError, match="over the"):
-        train.export(run, tmp_path / "c.safetensors", max_bytes=int(fp32 * 0.3))
+        export.export(run, tmp_path / "c.safetensors", max_bytes=int(fp32 * 0.3))
 
 
 def test_the_unet_stage_ends_with_an_evaluation_of_the_grammar_prompts(run):
-    evals = [r for r in train.read_log(run) if "eval" in r]
+    evals = [r for r in runlog.read_log(run) if "eval" in r]
     assert [r["step"] for r in evals] == [3]
     assert set(evals[0]["eval"]) == {"5.0", "1.0"}
     for scores in evals[0]["eval"].values():
@@ -147,6 +116,6 @@ def test_the_unet_stage_ends_with_an_evaluation_of_the_grammar_prompts(run):
     assert (run / "samples-3.png").stat().st_size > 10_000
 
 
-def test_cli_exports(run, tmp_path):   # (the stages' CLI runs in the two-process test)
+def test_cli_exports(run, tmp_path):   # (the stages' CLI runs in test_train_ddp.py)
     assert train.main(["export", str(run), str(tmp_path / "m.safetensors"), "--dtype=float16"]) == 0
     assert {t.dtype for t in read_safetensors_header(tmp_path / "m.safetensors").tensors.values()} == {"F16"}

@@ -6,7 +6,7 @@ import pytest
 
 matplotlib.use("Agg")
 
-from sdlearn import train, viz  # noqa: E402
+from sdlearn import runlog, train, viz  # noqa: E402
 from sdlearn.pipeline import TINY_PATH  # noqa: E402
 from sdlearn.weights import SafetensorsFile  # noqa: E402
 
@@ -26,7 +26,7 @@ LOG = [
 
 
 def test_history_averages_losses_per_window_and_keeps_the_last_record_of_a_step():
-    history = train.training_history(LOG, every=20)
+    history = runlog.training_history(LOG, every=20)
     vae = history["stages"]["vae"]
     assert vae["step"] == [20, 40]
     assert vae["loss"] == [3.0, 1.0] and vae["l1"] == [1.5, 0.5]
@@ -39,26 +39,26 @@ def test_history_averages_losses_per_window_and_keeps_the_last_record_of_a_step(
 
 def test_history_round_trips_through_a_run_folder_and_refuses_an_empty_one(tmp_path):
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in LOG))
-    path = train.write_training_history(tmp_path, tmp_path / "h.json", every=10)
-    assert train.read_training_history(path) == json.loads(json.dumps(train.training_history(LOG, 10)))
+    path = runlog.write_training_history(tmp_path, tmp_path / "h.json", every=10)
+    assert runlog.read_training_history(path) == json.loads(json.dumps(runlog.training_history(LOG, 10)))
     with pytest.raises(FileNotFoundError, match="no training records"):
-        train.write_training_history(tmp_path / "nothing", tmp_path / "x.json")
+        runlog.write_training_history(tmp_path / "nothing", tmp_path / "x.json")
 
 
 def test_cli_writes_the_history(tmp_path):
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in LOG))
     assert train.main(["history", str(tmp_path), str(tmp_path / "h.json"), "--every", "20"]) == 0
-    assert train.read_training_history(tmp_path / "h.json")["stages"]["vae"]["step"] == [20, 40]
+    assert runlog.read_training_history(tmp_path / "h.json")["stages"]["vae"]["step"] == [20, 40]
 
 
 @pytest.mark.skipif(not TINY_PATH.exists(), reason="the tiny model is not in this checkout")
 def test_shipped_history_belongs_to_the_shipped_model():
-    history = train.read_training_history()
+    history = runlog.read_training_history()
     training = json.loads(SafetensorsFile(TINY_PATH).metadata["sdlearn_training"])
     assert history["stages"]["vae"]["step"][-1] == training["vae_steps"]
     assert history["stages"]["unet"]["step"][-1] == training["unet_steps"]
     assert history["eval"][-1]["step"] == training["unet_steps"]
-    assert train.TINY_HISTORY.stat().st_size < 20_000
+    assert runlog.TINY_HISTORY.stat().st_size < 20_000
 
 
 def test_plot_alignment_draws_one_line_per_attribute_and_series():
