@@ -45,7 +45,7 @@ def random_pipeline(config: ModelConfig, device: torch.device, dtype: torch.dtyp
     N(0, 0.2²), as tests/reference.randomize_ does, so activations stay O(1) in float16."""
     from sdlearn.schedule import NoiseSchedule
     from sdlearn.tokenizer import default_tokenizer
-    from sdlearn.weights import COMPONENTS, build_empty
+    from sdlearn.checkpoint import COMPONENTS, build_empty
 
     gen = torch.Generator(device).manual_seed(seed)
     models = {}
@@ -66,7 +66,7 @@ def sibling(pipe: Pipeline) -> Pipeline:
     """A second pipeline with new module objects holding the same tensors, to compile separately."""
     from dataclasses import replace
 
-    from sdlearn.weights import build_empty
+    from sdlearn.checkpoint import build_empty
     parts = {}
     for comp in ("unet", "vae", "text_encoder"):
         module = build_empty(comp, pipe.config)

@@ -42,8 +42,9 @@ def make_file(tiny: bool) -> tuple[Path, Path]:
     """A random original-layout file and a diffusers config folder (configs only) for it."""
     import torch
 
+    from sdlearn.checkpoint import COMPONENTS, MODEL_CLASSES
     from sdlearn.configs import ModelConfig
-    from sdlearn.weights import COMPONENTS, model_class, save_original_checkpoint
+    from sdlearn.layouts import save_original_checkpoint
 
     sys.path.insert(0, str(REPO / "tests"))
     from checkpoints import diffusers_unet_kwargs, diffusers_vae_kwargs, transformers_clip_kwargs, write_tokenizer_files
@@ -57,7 +58,7 @@ def make_file(tiny: bool) -> tuple[Path, Path]:
         torch.manual_seed(0)
         models = {}
         for comp in COMPONENTS:
-            m = model_class(comp)(getattr(cfg, comp))
+            m = MODEL_CLASSES[comp](getattr(cfg, comp))
             with torch.no_grad():
                 for p in m.parameters():
                     p.normal_(0, 0.02)

@@ -26,7 +26,8 @@ import time
 import torch
 
 from sdlearn import analyser, shapes
-from sdlearn.pipeline import TINY_PATH, load_pipeline
+from sdlearn.pipeline import load_pipeline
+from sdlearn.sources import TINY_PATH
 
 TARGETS = {"colour": 0.95, "shape": 0.85, "position": 0.85}    # issue 8, at the default guidance
 SECONDS_TARGET = 1.0                                           # one 64×64 image on the 2-core CPU

@@ -11,6 +11,7 @@ import os
 from .device import default_device, default_dtype, seed_everything
 
 __version__ = "0.1.0"
+__all__ = ["load_pipeline", "Pipeline", "default_source", "default_device", "default_dtype", "seed_everything"]
 
 ENV_WEIGHTS = "SDLEARN_WEIGHTS"
 

@@ -18,7 +18,13 @@ import re
 import sys
 from pathlib import Path
 
-from .weights import CheckpointError, open_checkpoint, summarize
+import sdlearn
+from .checkpoint import open_checkpoint, summarize
+from .device import random_seed
+from .images import open_image, save_png
+from .pipeline import load_pipeline
+from .safetensors_file import CheckpointError
+from .sources import read_vocabulary, resolve_source
 
 
 def _size(nbytes: int) -> str:
@@ -30,8 +36,6 @@ def _size(nbytes: int) -> str:
 
 def info(source: str) -> str:
     """The report `sdlearn info` prints, as text. Reads headers only."""
-    from .pipeline import read_vocabulary, resolve_source
-
     ckpt = open_checkpoint(resolve_source(source))
     layout = {"original": "original CompVis single file", "diffusers": "diffusers folder"}[ckpt.layout]
     lines = [f"checkpoint: {ckpt.source}", f"layout:     {layout}", "",
@@ -84,8 +88,6 @@ def output_paths(out: str | None, seed: int, n: int) -> list[Path]:
 
 def png_text(settings: dict, index: int, n: int, args) -> dict[str, str]:
     """The PNG text chunks: everything needed to make the picture again."""
-    import sdlearn
-
     text = {"prompt": args.prompt, "negative_prompt": args.negative or "", "sampler": settings["sampler"],
             "steps": settings["steps"], "guidance": settings["guidance"], "seed": settings["seed"],
             "size": f"{settings['width']}x{settings['height']}", "weights": settings["source"],
@@ -101,17 +103,11 @@ def png_text(settings: dict, index: int, n: int, args) -> dict[str, str]:
 
 def generate(args) -> list[Path]:
     """Run `sdlearn generate` from parsed arguments; returns the files written."""
-    import torch
-
-    import sdlearn
-    from .images import open_image, save_png
-    from .pipeline import load_pipeline
-
     if args.mask and not args.image:
         raise ValueError("--mask needs --image: inpainting repaints the mask's white part of that picture")
     if args.strength is not None and not args.image:
         raise ValueError("--strength applies to image-to-image; pass --image FILE too")
-    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    seed = args.seed if args.seed is not None else random_seed()
     paths = output_paths(args.output, seed, args.n)
     existing = [str(p) for p in paths if p.exists()]
     if existing and not args.force:
@@ -170,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "train":                  # its own parser, in sdlearn/train.py
-        from .train import main as train_main
+        from .train import main as train_main   # only for `sdlearn train`: training imports the dataset and more
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:

@@ -55,6 +55,26 @@ def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
     return torch.float16 if dev.type == "cuda" else torch.float32
 
 
+def randn(shape, generator: torch.Generator | None = None, *, dtype: torch.dtype = torch.float32,
+          device: str | torch.device = "cpu") -> torch.Tensor:
+    """N(0, I) noise of `shape`, drawn on the generator's device and then moved to `device`, as
+    diffusers' `randn_tensor` draws it: a CPU generator gives the same numbers whatever device the
+    model runs on (a seed means the same picture on a laptop and on a GPU)."""
+    device = torch.device(device)
+    draw_on = device
+    if generator is not None and generator.device.type != device.type:
+        if generator.device.type != "cpu":
+            raise ValueError(f"a {generator.device.type} generator cannot make noise for a tensor on "
+                             f"{device}; use a CPU generator or one on {device}")
+        draw_on = torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(device)
+
+
+def random_seed() -> int:
+    """A seed for a run that was given none (drawn from torch's global generator)."""
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch (all devices); return a CPU generator seeded the same way.
 

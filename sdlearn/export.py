@@ -19,11 +19,12 @@ import torch.nn as nn
 
 from . import analyser, shapes
 from .configs import ModelConfig
+from .layouts import save_original_checkpoint
 from .pipeline import Pipeline
+from .preview import LatentPreview, fitting_images
 from .schedule import NoiseSchedule
 from .tokenizer import default_tokenizer
 from .viz import image_grid
-from .weights import save_original_checkpoint
 
 MAX_EXPORT_BYTES = 25_000_000
 EXPORT_DEFAULTS = {"sampler": "ddim", "steps": 20}   # what the tiny model is evaluated (and used) with
@@ -57,14 +58,24 @@ def evaluate_alignment(pipe: Pipeline, *, guidance: tuple[float, ...] = (5.0, 1.
     return result
 
 
+@torch.no_grad()
+def fit_preview(vae: nn.Module, pictures: int = 64, seed: int = 0) -> LatentPreview:
+    """The latent preview stored with the model: fitted on the generic pictures of
+    `preview.fitting_images` and on `pictures` of the dataset the model was trained on."""
+    data = shapes.make_dataset(pictures, seed)
+    images = torch.cat([fitting_images(), data.images.float() / 127.5 - 1])
+    return LatentPreview.fit(vae, images)
+
+
 def export(run: str | Path, path: str | Path, *, dtype: torch.dtype | None = None,
            max_bytes: int = MAX_EXPORT_BYTES, overwrite: bool = False,
            defaults: dict[str, Any] | None = None) -> Path:
     """The run's EMA weights → one safetensors file in the original CompVis single-file layout
     (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.text_model.*`)
     with, in its metadata, the ModelConfig ("sdlearn_config"), the generation defaults the
-    pipeline reads ("sdlearn_defaults", default DDIM with 20 steps, as evaluated here) and how it
-    was trained ("sdlearn_training"). dtype None: float32 if the file stays within `max_bytes`,
+    pipeline reads ("sdlearn_defaults", default DDIM with 20 steps, as evaluated here), how it
+    was trained ("sdlearn_training"), the words it knows ("sdlearn_vocabulary", so that generate
+    can warn about others) and its latent preview ("sdlearn_preview"). dtype None: float32 if the file stays within `max_bytes`,
     else float16."""
     from .train import TextToNoise, load_checkpoint, load_ema_vae   # import cycle: train.py evaluates with this module
 
@@ -84,8 +95,10 @@ def export(run: str | Path, path: str | Path, *, dtype: torch.dtype | None = Non
     vae_step = load_checkpoint(run / "vae.pt")["step"]
     training = {"vae_steps": vae_step, "unet_steps": unet_ckpt["step"], "settings": unet_ckpt["settings"]}
     defaults = EXPORT_DEFAULTS if defaults is None else defaults
+    vocabulary = {"words": shapes.vocabulary(), "grammar": list(shapes.GRAMMAR)}
     save_original_checkpoint(path, models, config, dtype=dtype, extra_metadata={
-        "sdlearn_training": json.dumps(training), "sdlearn_defaults": json.dumps(defaults)})
+        "sdlearn_training": json.dumps(training), "sdlearn_defaults": json.dumps(defaults),
+        "sdlearn_vocabulary": json.dumps(vocabulary), "sdlearn_preview": json.dumps(fit_preview(models["vae"]).state_dict())})
     path.chmod(0o644)          # readable by all, like the package's other data files
     size = path.stat().st_size
     if size > max_bytes:

@@ -14,14 +14,15 @@ import sys
 from pathlib import Path
 
 import matplotlib
-
 import torch
+
+from .pipeline import load_pipeline
+from .samplers import get_sampler
+from .schedule import NoiseSchedule
+from .viz import image_grid, plot_schedules, plot_word_maps
 
 
 def schedules(out: Path) -> Path:
-    from .samplers import get_sampler
-    from .schedule import NoiseSchedule
-    from .viz import plot_schedules
 
     fig = plot_schedules({"linear (DDPM)": NoiseSchedule.linear(), "scaled_linear (SD v1)": NoiseSchedule.scaled_linear(),
                           "cosine": NoiseSchedule.cosine()}, ("alphas_cumprod", "log_snr"))
@@ -35,7 +36,6 @@ def schedules(out: Path) -> Path:
 
 
 def tiny_samples(out: Path, pipe) -> Path:
-    from .viz import image_grid
 
     prompts = ["a red circle on the left", "a large blue square", "a green triangle at the top",
                "a yellow circle at the bottom", "a small purple square on the right", "an orange triangle in the center",
@@ -45,7 +45,6 @@ def tiny_samples(out: Path, pipe) -> Path:
 
 
 def attention(out: Path, pipe) -> Path:
-    from .viz import plot_word_maps
 
     prompt = "a large red circle on the left"
     result = pipe.generate(prompt, seed=1, attention_maps=True, progress=False)
@@ -53,7 +52,6 @@ def attention(out: Path, pipe) -> Path:
 
 
 def filmstrip(out: Path, pipe) -> Path:
-    from .viz import image_grid
 
     frames, labels = [], []
 
@@ -70,7 +68,7 @@ def filmstrip(out: Path, pipe) -> Path:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # here, after main() chose the Agg backend
 
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
@@ -80,7 +78,6 @@ def _save(fig, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
-    from .pipeline import load_pipeline
 
     out = Path((argv or sys.argv[1:] or ["figures"])[0])
     out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from .tokenizer import repair_surrogates
+
 def to_uint8(image) -> np.ndarray:
     """Any image sdlearn passes around → uint8 array (H, W, 3) for display."""
     if isinstance(image, torch.Tensor):
@@ -53,12 +55,20 @@ def open_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
                          "megapixels at most: resize it first") from None
 
 
-def _as_pil(image, what: str) -> Image.Image | torch.Tensor:
+def read_picture(image, what: str = "image") -> Image.Image | torch.Tensor | None:
+    """A picture as given to `generate` — a PIL image, a tensor or a file path — as a PIL image
+    or a tensor; a path is opened and decoded (once: callers pass the result on). None stays None."""
+    if image is None or isinstance(image, (Image.Image, torch.Tensor)):
+        return image
     if isinstance(image, (str, os.PathLike)):
         return open_image(image, what)
-    if isinstance(image, (Image.Image, torch.Tensor)):
-        return image
     raise TypeError(f"{what} must be a PIL image, a tensor or a file path; got {type(image).__name__}")
+
+
+def _as_pil(image, what: str) -> Image.Image | torch.Tensor:
+    if image is None:
+        raise TypeError(f"{what} must be a PIL image, a tensor or a file path; got None")
+    return read_picture(image, what)
 
 
 def image_size(image, what: str = "image") -> tuple[int, int]:
@@ -150,9 +160,8 @@ def save_png(image: Image.Image, path: str | os.PathLike, text: dict[str, str] |
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         # iTXt: UTF-8, so any prompt survives; a lone surrogate (not text, e.g. an undecodable byte
-        # of a command-line argument) becomes U+FFFD, as the tokenizer reads it (repair_surrogates).
-        value = str(value).encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-        info.add_itxt(key, value)
+        # of a command-line argument) becomes U+FFFD, as the tokenizer reads it (and warned about).
+        info.add_itxt(key, repair_surrogates(str(value), warn=False))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
         umask = os.umask(0)

@@ -27,16 +27,16 @@ known region (mask = 0) of the picture's latents noised to the next step's level
     x ← (1 − m) · add_noise(z_image, ε, t_next) + m · x       (diffusers' 4-channel inpainting)
 
 The 9-channel SD inpainting checkpoints (mask and masked picture as extra UNet inputs) are
-refused when loading (sdlearn/weights.py); a standard model with `mask=` inpaints as above.
+refused when loading (sdlearn/layouts.py); a standard model with `mask=` inpaints as above.
 
-Defaults: `steps` and `sampler` come from the checkpoint's `sdlearn_defaults` metadata when it
-has one (JSON such as {"sampler": "ddim", "steps": 20}, written by the tiny model's export);
-otherwise they are those of the SD v1.5 repo (PNDM, 50 steps, as diffusers runs it). `guidance` is 7.5; the size is the model's native one
+Defaults (`sdlearn.sources.read_defaults`): the noise schedule and the sampler come from a
+diffusers folder's scheduler config, or the `sampler` and `steps` from the `sdlearn_defaults`
+metadata the tiny model's export writes; otherwise those of the SD v1.5 repo (PNDM, 50 steps,
+scaled_linear betas, as diffusers runs it). `guidance` is 7.5; the size is the model's native one
 (UNet sample_size × the VAE's factor 8: 512×512 for SD v1.5, 64×64 for the tiny model).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -51,29 +51,14 @@ from tqdm.auto import tqdm
 from . import fast_cpu
 from .attention_maps import CrossAttentionMaps, word_maps
 from .configs import ModelConfig
-from .device import default_dtype, resolve_device
+from .device import default_dtype, randn, resolve_device
 from .images import to_pil
-from .request import MAX_STEPS, make_request, per_image
-from .samplers import SAMPLERS, get_sampler, randn_like_diffusers, sample_loop
-from .schedule import NoiseSchedule
+from .preview import LatentPreview, fitting_images
+from .request import make_request, per_image
+from .samplers import get_sampler, sample_loop
 from .tokenizer import CLIPTokenizer, default_tokenizer
-from .weights import COMPONENTS, CheckpointError, load_component, open_checkpoint
-
-TINY_PATH = Path(__file__).resolve().parent / "data" / "tiny.safetensors"
-
-# What to fetch from a Hugging Face repo in the diffusers layout (nothing else is downloaded).
-HUB_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-             "tokenizer/*.json", "tokenizer/merges.txt"]
-HUB_WEIGHTS = {"": ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                    "text_encoder/model.safetensors"],
-               "fp16": ["unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
-                        "text_encoder/model.fp16.safetensors"]}
-
-
-# Diffusers' defaults for the SD v1.5 repo: its scheduler is a PNDMScheduler, and
-# StableDiffusionPipeline runs num_inference_steps=50 at guidance_scale=7.5.
-SD15_DEFAULTS = {"sampler": "pndm", "steps": 50}
-
+from .checkpoint import COMPONENTS, load_component, open_checkpoint
+from .sources import SD15_DEFAULTS, read_defaults, read_preview, read_vocabulary, resolve_source
 
 class StopGeneration(Exception):
     """Raise it in a `generate` callback to stop early; `generate` returns what there is."""
@@ -130,7 +115,7 @@ class Pipeline:
     dtype: torch.dtype
     config: ModelConfig
     source: str = ""
-    defaults: dict = field(default_factory=dict)   # {"sampler", "steps"} from the checkpoint, if any
+    defaults: dict = field(default_factory=dict)   # {"sampler", "steps", "steps_offset"}: the checkpoint's, if any
     vocabulary: dict | None = None     # {"words", "grammar"} for a model trained on a closed grammar (tiny)
     _preview: object = field(default=None, init=False, repr=False)
     _warned: set = field(default_factory=set, init=False, repr=False)
@@ -191,13 +176,12 @@ class Pipeline:
                           f"width={self.native_size[1]}", stacklevel=4)
 
     @property
-    def latent_preview(self):
-        """A LatentPreview fitted once on this pipeline's VAE (lazily, then cached)."""
+    def latent_preview(self) -> LatentPreview:
+        """The latents → RGB preview: the one stored in the checkpoint (the tiny model's), else
+        one fitted on this pipeline's VAE the first time it is asked for (then cached)."""
         if self._preview is None:
-            from .preview import LatentPreview
             with torch.inference_mode():
-                images = preview_training_images().to(self.device, self.dtype)
-                self._preview = LatentPreview.fit(self.vae, images)
+                self._preview = LatentPreview.fit(self.vae, fitting_images().to(self.device, self.dtype))
         return self._preview
 
     # -- speed ---------------------------------------------------------------------------------
@@ -322,7 +306,7 @@ class Pipeline:
         def unit_noise():
             if req.latents is not None:
                 return req.latents.to(self.device)
-            return torch.randn(req.latent_shape, generator=generator, dtype=self.dtype).to(self.device)
+            return randn(req.latent_shape, generator, dtype=self.dtype, device=self.device)
 
         if req.image is None:
             sched.set_timesteps(req.steps)
@@ -342,7 +326,7 @@ class Pipeline:
         if req.mask is not None:
             # diffusers also encodes the masked picture (used by 9-channel models only): draw that
             # posterior sample's noise too, so that stochastic samplers see the same numbers.
-            randn_like_diffusers(z_first, generator)
+            randn(z_first.shape, generator, dtype=z_first.dtype, device=z_first.device)
             mask = torch.nn.functional.interpolate(req.mask, size=req.latent_shape[2:])   # nearest, as diffusers
             mask = mask.to(self.device, self.dtype)
         return _Start(timesteps, x, noise, z_image, mask)
@@ -383,109 +367,6 @@ def _asks_to_stop(callback, info: StepInfo) -> bool:
         return True
 
 
-def preview_training_images(size: int = 64) -> torch.Tensor:
-    """Pictures the latent preview is fitted on, drawn here so nothing is downloaded: the shapes
-    dataset's first samples plus colour fields (six hues, grey levels, two gradients).
-    (N, 3, size, size) in [-1, 1]."""
-    from . import shapes
-    pics = [torch.from_numpy(shapes.sample(i).image).permute(2, 0, 1).float() / 255 for i in range(8)]
-    if pics[0].shape[-1] != size:
-        pics = [torch.nn.functional.interpolate(p[None], size=(size, size), mode="bilinear")[0] for p in pics]
-    for rgb in list(shapes.COLOURS.values()) + [(0, 0, 0), (128, 128, 128), (255, 255, 255)]:
-        pics.append(torch.tensor(rgb, dtype=torch.float32).div(255)[:, None, None].expand(3, size, size))
-    ramp = torch.linspace(0, 1, size)
-    pics.append(torch.stack([ramp[None].expand(size, size), ramp[:, None].expand(size, size),
-                             1 - ramp[None].expand(size, size)]))
-    pics.append(torch.stack([1 - ramp[:, None].expand(size, size), ramp[None].expand(size, size).flip(1),
-                             ramp[:, None].expand(size, size)]))
-    return torch.stack(pics) * 2 - 1
-
-
-def read_defaults(metadata: dict[str, str], name: str = "checkpoint") -> dict:
-    """The generation defaults a checkpoint carries in its `sdlearn_defaults` metadata
-    (JSON such as {"sampler": "ddim", "steps": 20}); {} when it has none."""
-
-
-    raw = metadata.get("sdlearn_defaults")
-    if not raw:
-        return {}
-    try:
-        d = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{name}: its sdlearn_defaults metadata is not JSON ({exc})") from None
-    out = {}
-    if isinstance(d, dict) and d.get("sampler") in SAMPLERS:
-        out["sampler"] = d["sampler"]
-    if isinstance(d, dict) and isinstance(d.get("steps"), int) and 1 <= d["steps"] <= MAX_STEPS:
-        out["steps"] = d["steps"]
-    if not isinstance(d, dict) or len(out) != len({k: v for k, v in d.items() if k in ("sampler", "steps")}):
-        warnings.warn(f"{name}: sdlearn_defaults {raw[:80]!r} has unusable entries; using SD v1.5's "
-                      f"defaults for them", stacklevel=3)
-    return out
-
-
-def read_vocabulary(metadata: dict[str, str], name: str = "checkpoint") -> dict | None:
-    """The words and grammar a model was trained on, from its `sdlearn_vocabulary` metadata
-    (JSON {"words": [...], "grammar": [...]}), for models that know nothing else (the tiny one);
-    None for a general model. A tiny model exported before that entry existed carries
-    `sdlearn_training` instead: it was trained on `sdlearn.shapes`, whose words are used."""
-    raw = metadata.get("sdlearn_vocabulary")
-    if raw is None:
-        if "sdlearn_training" not in metadata:
-            return None
-        from . import shapes
-        return {"words": shapes.vocabulary(), "grammar": list(shapes.GRAMMAR)}
-    try:
-        d = json.loads(raw)
-        if not (isinstance(d.get("words"), list) and isinstance(d.get("grammar"), list)
-                and all(isinstance(w, str) for w in d["words"] + d["grammar"]) and d["grammar"]):
-            raise ValueError("expected lists of strings under 'words' and 'grammar'")
-    except (json.JSONDecodeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{name}: its sdlearn_vocabulary metadata is invalid ({exc})") from None
-    return d
-
-
-def resolve_source(source: str | os.PathLike) -> Path:
-    """"tiny" → the bundled file; an existing path → itself; "owner/name" → a Hugging Face
-    snapshot (cache first, honouring HF_HUB_OFFLINE)."""
-    if str(source) == "tiny":
-        if not TINY_PATH.exists():
-            raise CheckpointError(f"the tiny model ({TINY_PATH.name}) is not in this installation of sdlearn; "
-                                  "train and export it (see README, 'The tiny model') or set SDLEARN_WEIGHTS")
-        return TINY_PATH
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    text = str(source)
-    looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~")) and Path(text).suffix == ""
-    if not looks_like_repo:
-        raise CheckpointError(f"{source}: no such file or folder; expected \"tiny\", an SD v1.x .safetensors file, "
-                              "a diffusers folder or a Hugging Face repo id such as owner/name")
-    return hub_snapshot(text)
-
-
-def hub_snapshot(repo_id: str, fp16: bool = False) -> Path:
-    """Download (or find in the cache) only the files sdlearn needs from a diffusers-layout repo."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise CheckpointError(f"{repo_id}: looks like a Hugging Face repo id, but huggingface_hub is not "
-                              "installed; `pip install huggingface_hub`, or pass a local file or folder") from None
-    patterns = HUB_FILES + HUB_WEIGHTS["fp16" if fp16 else ""]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        pass   # not (completely) in the cache
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        raise CheckpointError(f"{repo_id}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
-                              "download it once with network access or pass a local path")
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as exc:
-        raise CheckpointError(f"{repo_id}: could not be fetched from the Hugging Face hub "
-                              f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})") from None
-
-
 def load_pipeline(source: str | os.PathLike = "tiny", device: str | torch.device | None = None,
                   dtype: torch.dtype | None = None, *, config: ModelConfig | None = None,
                   fast: bool = True) -> Pipeline:
@@ -506,7 +387,9 @@ def load_pipeline(source: str | os.PathLike = "tiny", device: str | torch.device
     if fast and device.type == "cpu":
         fast_cpu.enable(models["unet"])
     tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_folder) if ckpt.tokenizer_folder else default_tokenizer()
-    return Pipeline(tokenizer=tokenizer, schedule=NoiseSchedule.scaled_linear(), device=device, dtype=dtype,
-                    config=ckpt.config, source=str(source), defaults=read_defaults(ckpt.metadata, Path(ckpt.source).name),
-                    vocabulary=read_vocabulary(ckpt.metadata, Path(ckpt.source).name),
-                    **models)
+    defaults = read_defaults(ckpt)
+    pipe = Pipeline(tokenizer=tokenizer, schedule=defaults.schedule, device=device, dtype=dtype,
+                    config=ckpt.config, source=str(source), defaults=defaults.generate,
+                    vocabulary=read_vocabulary(ckpt.metadata, Path(ckpt.source).name), **models)
+    pipe._preview = read_preview(ckpt.metadata, Path(ckpt.source).name)
+    return pipe

@@ -14,8 +14,9 @@ Latents are in the **diffusion scale** (the VAE's mean × `scaling_factor`), i.e
 sampler holds, so `preview(latents)` can be called on them directly during sampling.
 
 No coefficients are hard-coded: they depend on the VAE's weights, so they are fitted on the VAE
-at hand (`LatentPreview.fit(vae, images)`, a few images are enough) and can be stored as plain
-JSON numbers (`state_dict()` / `from_state_dict()`).
+at hand (`LatentPreview.fit(vae, images)`, a few images are enough; `fitting_images()` draws a
+generic set: colour fields, gradients, coloured discs and squares) and can be stored as plain
+JSON numbers (`state_dict()` / `from_state_dict()`), as the tiny model's checkpoint does.
 """
 from __future__ import annotations
 
@@ -100,3 +101,34 @@ class LatentPreview:
             raise ValueError(f"a latent preview needs weight (3, C) and bias (3,); got {tuple(weight.shape)} "
                              f"and {tuple(bias.shape)}")
         return cls(weight=weight, bias=bias, rmse=d.get("rmse"))
+
+
+def fitting_images(size: int = 64, seed: int = 0) -> torch.Tensor:
+    """A generic set of pictures to fit a preview on, drawn here so nothing is downloaded:
+    flat colour fields (12 hues at two strengths, and 5 greys), four gradients, and 16 discs or
+    squares of random colours on random greys. (N, 3, size, size) in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    hues = torch.arange(12) / 12
+    fields = [_hsv(h, s, v) for h in hues for s, v in ((0.85, 0.9), (0.5, 0.6))]
+    fields += [torch.full((3,), level) for level in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    pics = [c[:, None, None].expand(3, size, size) for c in fields]
+    ramp = torch.linspace(0, 1, size)
+    x, y = ramp[None].expand(size, size), ramp[:, None].expand(size, size)
+    pics += [torch.stack([x, y, 1 - x]), torch.stack([1 - y, x.flip(1), y]), torch.stack([y, 1 - x, x * y]),
+             torch.stack([x * y, (x + y) / 2, 1 - y])]
+    for i in range(16):
+        colour = _hsv(torch.rand((), generator=g), 0.6 + 0.4 * torch.rand((), generator=g), 0.9)
+        background = torch.rand((), generator=g) * torch.ones(3)
+        cx, cy, r = (0.3 + 0.4 * torch.rand(3, generator=g)) * size
+        r = r / 2
+        inside = ((x * size - cx) ** 2 + (y * size - cy) ** 2 < r ** 2) if i % 2 else \
+            (((x * size - cx).abs() < r) & ((y * size - cy).abs() < r))
+        pics.append(torch.where(inside, colour[:, None, None], background[:, None, None]))
+    return torch.stack(pics) * 2 - 1
+
+
+def _hsv(h, s, v) -> torch.Tensor:
+    """One HSV colour → RGB (3,) in [0, 1]."""
+    h, s, v = (torch.as_tensor(float(t)) for t in (h, s, v))
+    k = (torch.tensor([5.0, 3.0, 1.0]) + h * 6) % 6
+    return v - v * s * torch.clamp(torch.minimum(k, 4 - k), 0, 1)

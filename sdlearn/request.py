@@ -20,6 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from .configs import ModelConfig
+from .device import random_seed
+from .images import image_size, image_to_tensor, mask_to_tensor, read_picture
+from .samplers import SAMPLERS, leading_timesteps
 
 MAX_STEPS = 1000
 
@@ -67,9 +70,8 @@ def make_request(pipe, prompt, *, negative_prompt=None, steps=None, guidance=7.5
                  latents=None, height=None, width=None, eta=0.0, callback=None, image=None, strength=0.8,
                  mask=None, num_images=1, karras=False, steps_offset=None) -> Request:
     """Check `generate`'s arguments against this pipeline and fill in the defaults."""
-    from .images import image_size, image_to_tensor, mask_to_tensor
-    from .samplers import SAMPLERS
-
+    image = read_picture(image, "image")          # a file path is decoded here, once
+    mask = read_picture(mask, "mask")
     prompts = prompt_list(prompt, "prompt")
     num_images = check_int("num_images", num_images, 1, 10_000, "images per prompt")
     negatives = negative_list(negative_prompt, len(prompts))
@@ -79,6 +81,8 @@ def make_request(pipe, prompt, *, negative_prompt=None, steps=None, guidance=7.5
     steps = check_int("steps", pipe.default_steps if steps is None else steps, 1, MAX_STEPS,
                       "the number of denoising steps; 20–50 is usual")
     guidance = check_float("guidance", guidance, 0.0, math.inf, "the guidance scale; 7.5 is usual, ≤ 1 turns it off")
+    if steps_offset is None:
+        steps_offset = pipe.defaults.get("steps_offset")          # a diffusers folder's scheduler config
     options = sampler_options(sampler, eta, karras, steps, steps_offset)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None; got {seed!r}")
@@ -94,16 +98,7 @@ def make_request(pipe, prompt, *, negative_prompt=None, steps=None, guidance=7.5
         warnings.warn(f"guidance={guidance} ≤ 1 runs no unconditional pass, so negative_prompt is not used",
                       stacklevel=4)
 
-    # The size: given, else the picture's (rounded down), else the latents', else the native one.
-    if height is None and width is None:
-        m, f = pipe.size_multiple, pipe.latent_factor
-        if image is not None:
-            h, w = image_size(image)
-            height, width = max(m, h // m * m), max(m, w // m * m)
-        elif isinstance(latents, torch.Tensor) and latents.ndim == 4:
-            height, width = latents.shape[2] * f, latents.shape[3] * f
-    height = pipe.native_size[0] if height is None else height
-    width = pipe.native_size[1] if width is None else width
+    height, width = output_size(pipe, height, width, image, latents)
     batch = len(prompts) * num_images
     check_size(pipe, height, width, batch, guided=guidance > 1)
     pipe.warn_outside_training(prompts + (negatives if guidance > 1 else []), height, width)
@@ -115,7 +110,7 @@ def make_request(pipe, prompt, *, negative_prompt=None, steps=None, guidance=7.5
     req = Request(prompts=[p for p in prompts for _ in range(num_images)],
                   negatives=[n for n in negatives for _ in range(num_images)], num_images=num_images,
                   sampler=sampler, sampler_options=options, steps=steps, guidance=guidance,
-                  seed=int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed,
+                  seed=random_seed() if seed is None else seed,
                   height=height, width=width, latent_shape=shape, latents=latents)
     if image is not None:
         req.strength = check_float("strength", strength, 0.0, 1.0, "the fraction of the steps to run on the image")
@@ -124,6 +119,19 @@ def make_request(pipe, prompt, *, negative_prompt=None, steps=None, guidance=7.5
         if mask is not None:
             req.mask = per_image(mask_to_tensor(mask, height, width), len(prompts), num_images, "mask")
     return req
+
+
+def output_size(pipe, height: int | None, width: int | None, image=None, latents=None) -> tuple[int, int]:
+    """The picture's (height, width): as given; else the input picture's, rounded down to a
+    multiple of 8; else the given latents' × 8; else the model's native size. (Latents: ÷ 8.)"""
+    if height is None and width is None:
+        m, f = pipe.size_multiple, pipe.latent_factor
+        if image is not None:
+            h, w = image_size(image)
+            height, width = max(m, h // m * m), max(m, w // m * m)
+        elif isinstance(latents, torch.Tensor) and latents.ndim == 4:
+            height, width = latents.shape[2] * f, latents.shape[3] * f
+    return (pipe.native_size[0] if height is None else height, pipe.native_size[1] if width is None else width)
 
 
 def sampler_options(sampler: str, eta: float, karras: bool, steps: int = 1, steps_offset: int | None = None) -> dict:
@@ -140,7 +148,6 @@ def sampler_options(sampler: str, eta: float, karras: bool, steps: int = 1, step
         options["steps_offset"] = check_int("steps_offset", steps_offset, 0, MAX_STEPS - 1,
                                            "added to every timestep; SD v1.5 uses 1")
     # The first timestep must exist: with SD's offset of 1, 1000 steps would start at t = 1000.
-    from .samplers import leading_timesteps
     leading_timesteps(steps, MAX_STEPS, options.get("steps_offset", 1))
     return options
 

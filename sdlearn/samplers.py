@@ -37,6 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .device import randn
 from .schedule import NoiseSchedule
 
 
@@ -61,18 +62,6 @@ def leading_timesteps(num_steps: int, num_train_timesteps: int = 1000, steps_off
                          f"use at most {num_train_timesteps - steps_offset} steps, or steps_offset=0 "
                          f"(generate(..., steps_offset=0); on the command line --steps-offset 0)")
     return t
-
-
-def randn_like_diffusers(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """N(0, I) noise shaped like x, drawn as diffusers' `randn_tensor` draws it: on the
-    generator's device (a CPU generator gives the same numbers whatever device x is on), then moved."""
-    rand_device = x.device
-    if generator is not None and generator.device.type != x.device.type:
-        if generator.device.type != "cpu":
-            raise ValueError(f"a {generator.device.type} generator cannot make noise for a tensor on "
-                             f"{x.device}; use a CPU generator or one on {x.device}")
-        rand_device = torch.device("cpu")
-    return torch.randn(x.shape, generator=generator, device=rand_device, dtype=x.dtype).to(x.device)
 
 
 class Sampler:
@@ -172,7 +161,7 @@ class DDPMSampler(Sampler):
         mean = (a_prev ** 0.5 * beta_t) / (1 - a_t) * x0_hat + (a_t / a_prev) ** 0.5 * (1 - a_prev) / (1 - a_t) * x
         if t > 0:
             variance = ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
-            mean = mean + variance ** 0.5 * randn_like_diffusers(eps, generator)
+            mean = mean + variance ** 0.5 * randn(eps.shape, generator, dtype=eps.dtype, device=eps.device)
         return StepOutput(mean, x0_hat)
 
 
@@ -203,7 +192,7 @@ class DDIMSampler(Sampler):
         sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         x_prev = a_prev ** 0.5 * x0_hat + (1 - a_prev - sigma ** 2) ** 0.5 * eps
         if self.eta > 0:
-            x_prev = x_prev + sigma * randn_like_diffusers(eps, generator)
+            x_prev = x_prev + sigma * randn(eps.shape, generator, dtype=eps.dtype, device=eps.device)
         return StepOutput(x_prev, x0_hat)
 
 
@@ -414,7 +403,7 @@ class EulerAncestralSampler(EulerSampler):
         sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
         d = (x - x0_hat) / sigma
         x_next = x + d * (sigma_down - sigma)
-        x_next = x_next + randn_like_diffusers(eps, generator) * sigma_up
+        x_next = x_next + randn(eps.shape, generator, dtype=eps.dtype, device=eps.device) * sigma_up
         self.step_index += 1
         return StepOutput(x_next.to(eps.dtype), x0_hat)
 

@@ -76,16 +76,17 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def repair_surrogates(text: str) -> str:
+def repair_surrogates(text: str, warn: bool = True) -> str:
     """Text that UTF-8 can encode. A pair of surrogates (UTF-16 written as two code points, as in
     "\\ud83d\\udc31") is joined into its character (🐱); a lone surrogate (broken UTF-16, or a byte
     that Python kept undecoded with errors="surrogateescape") becomes U+FFFD "�", the Unicode
-    replacement character, with a warning naming where it was. Other text is returned as it is.
+    replacement character, with a warning naming where it was (unless warn=False). Other text is
+    returned as it is.
     (transformers' tokenizer raises a TypeError on such text.)"""
     if not _SURROGATE.search(text):
         return text
     lone = [f"U+{ord(m.group()):04X} at {m.start()}" for m in _LONE_SURROGATE.finditer(text)]
-    if lone:
+    if lone and warn:
         warnings.warn(f"the prompt holds {len(lone)} lone surrogate code point(s), which are not text "
                       f"({', '.join(lone[:5])}{' …' if len(lone) > 5 else ''}); each became U+FFFD '\ufffd'. "
                       "Decode the text with errors='replace' to choose yourself", stacklevel=_caller_outside())

@@ -532,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     if result and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=1))
     if torch.distributed.is_initialized():
+        # Every process waits for the others before tearing down: a process that leaves while a
+        # peer's gloo connection is still busy can make that peer abort (seen under heavy load).
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
 

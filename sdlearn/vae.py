@@ -14,10 +14,11 @@ which gives the latents roughly unit variance. `encode` and `decode` here work i
 scale; multiplying and dividing by `scaling_factor` is the caller's job.
 
 Building blocks, all with GroupNorm(32, eps=1e-6) and SiLU:
-    ResnetBlock2D   x + conv(SiLU(GN(conv(SiLU(GN(x))))))   (1×1 conv on x when channels change)
-    Downsample2D    pad (0, 1, 0, 1), then a 3×3 conv with stride 2 and no padding
-    Upsample2D      nearest-neighbour ×2, then a 3×3 conv
-    Attention       single-head self-attention over the H·W pixels, with a residual
+    VAEResBlock     x + conv(SiLU(GN(conv(SiLU(GN(x))))))   (1×1 conv on x when channels change)
+    VAEDownsample   pad (0, 1, 0, 1), then a 3×3 conv with stride 2 and no padding
+    VAEUpsample     nearest-neighbour ×2, then a 3×3 conv
+    VAEAttention    single-head self-attention over the H·W pixels, with a residual
+(Named VAE… to tell them from the UNet's ResBlock, Downsample, … which also see the timestep.)
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from torch.func import functional_call
 
 from .attention import attention, tag_attention_layers
 from .configs import VAEConfig
+from .device import randn
 
 NORM_EPS = 1e-6          # every GroupNorm of the VAE (the UNet uses 1e-5)
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of log σ², as in CompVis `DiagonalGaussianDistribution`
@@ -39,7 +41,7 @@ def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=NORM_EPS)
 
 
-class ResnetBlock2D(nn.Module):
+class VAEResBlock(nn.Module):
     """h = conv2(SiLU(norm2(conv1(SiLU(norm1(x))))));  out = shortcut(x) + h.
 
     (B, C_in, H, W) → (B, C_out, H, W). No timestep input: this is the VAE's ResBlock.
@@ -61,7 +63,7 @@ class ResnetBlock2D(nn.Module):
         return x + h
 
 
-class Downsample2D(nn.Module):
+class VAEDownsample(nn.Module):
     """(B, C, H, W) → (B, C, H/2, W/2): zero-pad one pixel on the right and bottom only, then a
     stride-2 3×3 conv. Padding symmetrically instead (one pixel on every side) would sample every
     window one pixel up and left of where the weights expect it, at each level's own resolution:
@@ -75,7 +77,7 @@ class Downsample2D(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class Upsample2D(nn.Module):
+class VAEUpsample(nn.Module):
     """(B, C, H, W) → (B, C, 2H, 2W): repeat each pixel 2×2, then a 3×3 conv."""
 
     def __init__(self, channels: int):
@@ -86,7 +88,7 @@ class Upsample2D(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Attention(nn.Module):
+class VAEAttention(nn.Module):
     """Single-head self-attention over pixels, with a residual:
 
         h = GN(x) as H·W tokens of C channels;  out = x + W_o · Attention(W_q h, W_k h, W_v h)
@@ -112,13 +114,13 @@ class Attention(nn.Module):
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
-class MidBlock(nn.Module):
+class VAEMidBlock(nn.Module):
     """ResBlock → attention → ResBlock at the lowest resolution. (B, C, h, w) → (B, C, h, w)."""
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups) for _ in range(2)])
-        self.attentions = nn.ModuleList([Attention(channels, groups)])
+        self.resnets = nn.ModuleList([VAEResBlock(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([VAEAttention(channels, groups)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
@@ -126,14 +128,14 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-class DownEncoderBlock2D(nn.Module):
+class EncoderBlock(nn.Module):
     """`num_layers` ResBlocks, then (except at the last level) a downsampler."""
 
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups)
+        self.resnets = nn.ModuleList([VAEResBlock(in_channels if i == 0 else out_channels, out_channels, groups)
                                       for i in range(num_layers)])
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if downsample else None
+        self.downsamplers = nn.ModuleList([VAEDownsample(out_channels)]) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
@@ -143,14 +145,14 @@ class DownEncoderBlock2D(nn.Module):
         return x
 
 
-class UpDecoderBlock2D(nn.Module):
+class DecoderBlock(nn.Module):
     """`num_layers` ResBlocks, then (except at the last level) an upsampler."""
 
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups)
+        self.resnets = nn.ModuleList([VAEResBlock(in_channels if i == 0 else out_channels, out_channels, groups)
                                       for i in range(num_layers)])
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
+        self.upsamplers = nn.ModuleList([VAEUpsample(out_channels)]) if upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
@@ -172,9 +174,9 @@ class Encoder(nn.Module):
         ch, groups, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
-            DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, downsample=i < n - 1)
+            EncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, downsample=i < n - 1)
             for i in range(n)])
-        self.mid_block = MidBlock(ch[-1], groups)
+        self.mid_block = VAEMidBlock(ch[-1], groups)
         self.conv_norm_out = _group_norm(ch[-1], groups)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
@@ -197,9 +199,9 @@ class Decoder(nn.Module):
         super().__init__()
         ch, groups, n = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], groups)
+        self.mid_block = VAEMidBlock(ch[0], groups)
         self.up_blocks = nn.ModuleList([
-            UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, groups, upsample=i < n - 1)
+            DecoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, groups, upsample=i < n - 1)
             for i in range(n)])
         self.conv_norm_out = _group_norm(ch[-1], groups)
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
@@ -229,9 +231,7 @@ class DiagonalGaussian:
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """μ + σ·ε. The noise is drawn on the generator's device (so a CPU generator gives the
         same numbers as diffusers' `latent_dist.sample(generator)` on any device)."""
-        device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
+        return self.mean + self.std * randn(self.mean.shape, generator, dtype=self.mean.dtype, device=self.mean.device)
 
     def mode(self) -> torch.Tensor:
         return self.mean

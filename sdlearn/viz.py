@@ -1,6 +1,9 @@
 """Plots for the notebooks: image grids with captions, noise schedules, an image noised to a
 timestep, 2-D sampler trajectories (more to come: attention maps).
 
+matplotlib.pyplot is imported inside each function, not here: importing it picks a plotting
+backend and takes about half a second, which `import sdlearn` should not pay.
+
 Every plotting function returns a matplotlib Figure, so a notebook shows it and a script saves it
 (`fig.savefig("grid.png")`). Images may be PIL images, uint8 arrays (H, W, 3), or tensors
 (3, H, W): uint8, or float in [0, 1] (as `pipe.generate(...).pixels`).

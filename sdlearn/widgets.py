@@ -26,6 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from .attention_maps import CrossAttentionMaps, WordMaps, is_cross_attention, word_maps, word_tokens
+from .images import read_picture
+from .request import output_size
+from .viz import heatmap_overlay, image_table
 
 # With one prompt and one image the UNet's batch is [unconditional, conditional] with guidance and
 # [conditional] without: the conditional row is the last one either way.
@@ -57,12 +60,10 @@ def cross_attention_tags(unet: torch.nn.Module) -> list[str]:
 
 
 def _latent_size(pipe, kwargs: dict) -> tuple[int, int]:
-    height, width = kwargs.get("height"), kwargs.get("width")
-    if kwargs.get("image") is not None and (height is None or width is None):
-        from .images import image_size
-        height, width = image_size(kwargs["image"])
-    native = pipe.native_size
-    return (height or native[0]) // pipe.latent_factor, (width or native[1]) // pipe.latent_factor
+    """The latent (h, w) a generate call with these arguments works at (request.output_size ÷ 8)."""
+    height, width = output_size(pipe, kwargs.get("height"), kwargs.get("width"), read_picture(kwargs.get("image")),
+                                kwargs.get("latents"))
+    return height // pipe.latent_factor, width // pipe.latent_factor
 
 
 def _check_single(prompt, kwargs: dict) -> None:
@@ -193,8 +194,6 @@ class GuidanceExplorer:
                word: str | int | None = None, size: float = 2.4):
         """Two panels: the image (titled with the settings) and `word`'s attention map over it
         (titled with its share of the attention). Returns the Figure."""
-        from .viz import image_table, heatmap_overlay
-
         result = self.run(prompt, guidance, steps, seed)
         maps = result.attention_maps[0]
         i = self._word_index(maps, word)
@@ -208,8 +207,6 @@ class GuidanceExplorer:
                      word: str | int | None = None, size: float = 1.3):
         """The static counterpart of the widget: one column per guidance scale, the images above
         and `word`'s attention maps below. Returns the Figure."""
-        from .viz import image_table, heatmap_overlay
-
         results = [self.run(prompt, g, steps, seed) for g in guidances]
         i = self._word_index(results[0].attention_maps[0], word)
         rows = {"image": [r.pixels[0] for r in results]}
@@ -222,8 +219,8 @@ class GuidanceExplorer:
                steps: int | None = None, seed: int = 0, word: str | None = None):
         """Text box, guidance and steps sliders, a seed box, a word picker, and the figure below
         them; runs on every change (the word picker only redraws). Needs ipywidgets."""
-        import ipywidgets as W
-        import matplotlib.pyplot as plt
+        import ipywidgets as W                  # optional: only the interactive explorer needs it
+        import matplotlib.pyplot as plt         # as in viz.py: pyplot picks a backend when imported
         from IPython.display import display
 
         steps = steps or self.pipe.default_steps

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import sdlearn
 from checkpoints import original_file
-from sdlearn import weights as W
+from sdlearn import checkpoint, safetensors_file
 from sdlearn.cli import main as cli_main
 from sdlearn.configs import ModelConfig
-from sdlearn.weights import CheckpointError
+from sdlearn.safetensors_file import CheckpointError
 from test_fuzz import MICRO, micro_state_dict as micro_state
 from test_weights import _Payload   # unpickling it creates a file: the proof that code ran
 
@@ -232,13 +232,13 @@ def test_float_position_ids_are_ignored(tmp_path):
 def test_huge_header_is_refused_without_reading_it(tmp_path):
     path = _huge_header(tmp_path)
     start = time.perf_counter()
-    one_line_error(lambda: W.read_safetensors_header(path), name=path.name)
+    one_line_error(lambda: safetensors_file.read_safetensors_header(path), name=path.name)
     assert time.perf_counter() - start < 0.5
 
 
 def test_a_folder_or_unreadable_file_is_a_checkpoint_error(tmp_path):
     (tmp_path / "model.safetensors").mkdir()
-    assert "cannot be read" in one_line_error(lambda: W.read_safetensors_header(tmp_path / "model.safetensors"))
+    assert "cannot be read" in one_line_error(lambda: safetensors_file.read_safetensors_header(tmp_path / "model.safetensors"))
 
 
 @pytest.mark.timeout(60)
@@ -274,17 +274,17 @@ def test_a_diffusers_folder_with_a_broken_config_json(tmp_path, component, confi
     folder = tmp_path / "sd"
     folder.mkdir()
     (folder / "model_index.json").write_text("{}")
-    for comp in W.COMPONENTS:
+    for comp in checkpoint.COMPONENTS:
         (folder / comp).mkdir()
         (folder / comp / "config.json").write_text("{}")
     (folder / component / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
-    assert message in one_line_error(lambda: W.open_checkpoint(folder), name="sd")
+    assert message in one_line_error(lambda: checkpoint.open_checkpoint(folder), name="sd")
 
 
 def test_a_pickle_whose_keys_are_not_names_is_refused(tmp_path):
     path = tmp_path / "odd.pt"
     torch.save({0: torch.zeros(2), "w": torch.zeros(2)}, path)
-    assert "expected a dict of tensors by name" in one_line_error(lambda: W.open_checkpoint(path), name="odd.pt")
+    assert "expected a dict of tensors by name" in one_line_error(lambda: checkpoint.open_checkpoint(path), name="odd.pt")
 
 
 # ---- prompts ----------------------------------------------------------------------------------

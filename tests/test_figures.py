@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 from sdlearn import figures
-from sdlearn.pipeline import TINY_PATH
+from sdlearn.sources import TINY_PATH
 
 
 @pytest.mark.skipif(not TINY_PATH.exists(), reason="the tiny model is not in this checkout")

@@ -26,7 +26,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import save_file
 
-from sdlearn import weights as W
+from sdlearn import checkpoint, layouts, safetensors_file
 from sdlearn.configs import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 from sdlearn.tokenizer import default_tokenizer
 
@@ -109,11 +109,11 @@ def hf_tokenizer():
 
 def _read_everything(path: Path) -> None:
     """What a user's load does with a file: the header, then every tensor."""
-    f = W.SafetensorsFile(path)
+    f = safetensors_file.SafetensorsFile(path)
     for k in f.keys():
         info = f.header.tensors[k]
         t = f[k]
-        assert tuple(t.shape) == info.shape and t.dtype == W.DTYPES[info.dtype]
+        assert tuple(t.shape) == info.shape and t.dtype == safetensors_file.DTYPES[info.dtype]
         assert f.header.data_start + info.end <= f.header.file_size
 
 
@@ -121,7 +121,7 @@ def _only_checkpoint_errors(path: Path, content: bytes) -> None:
     path.write_bytes(content)
     try:
         _read_everything(path)
-    except W.CheckpointError as exc:
+    except safetensors_file.CheckpointError as exc:
         assert path.name in str(exc) and "\n" not in str(exc)
 
 
@@ -138,7 +138,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
                     max_leaves=12)
 ENTRY = st.fixed_dictionaries(
-    {"dtype": st.one_of(st.sampled_from([*W.DTYPES, "Q99", "f32", ""]), JSON),
+    {"dtype": st.one_of(st.sampled_from([*safetensors_file.DTYPES, "Q99", "f32", ""]), JSON),
      "shape": st.one_of(st.lists(st.integers(-1, 6), max_size=4), JSON),
      "data_offsets": st.one_of(st.lists(st.integers(-8, 120), min_size=0, max_size=3), JSON)},
     optional={"extra": JSON})
@@ -198,22 +198,22 @@ KEY = st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=8).map(".".join)
 @settings(FUZZ, max_examples=300)
 @given(keys=st.lists(KEY, max_size=30))
 def test_layout_detection_and_renaming_of_random_keys_report_never_crash(keys):
-    for comp in W.COMPONENTS:
-        rules = W.block_rules(comp, MICRO)
+    for comp in checkpoint.COMPONENTS:
+        rules = layouts.block_rules(comp, MICRO)
         for k in keys:
-            ours = W.from_original_key(k, rules)
+            ours = layouts.from_original_key(k, rules)
             assert ours is None or isinstance(ours, str)
     try:
-        assert W.detect_layout(keys, "model.safetensors") == "original"
-    except W.CheckpointError as exc:
+        assert layouts.detect_layout(keys, "model.safetensors") == "original"
+    except safetensors_file.CheckpointError as exc:
         assert "model.safetensors" in str(exc) and "\n" not in str(exc)
 
 
 def micro_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """A complete MICRO checkpoint in the original layout (sdlearn's own modules, random weights)."""
     torch.manual_seed(seed)
-    sds = {c: W.model_class(c)(getattr(MICRO, c)).state_dict() for c in W.COMPONENTS}
-    return {k: v.contiguous() for k, v in W.to_original_layout(sds, MICRO).items()}
+    sds = {c: checkpoint.MODEL_CLASSES[c](getattr(MICRO, c)).state_dict() for c in checkpoint.COMPONENTS}
+    return {k: v.contiguous() for k, v in layouts.to_original_layout(sds, MICRO).items()}
 
 
 @pytest.fixture(scope="module")
@@ -265,9 +265,9 @@ def test_checkpoints_with_random_key_sets_load_or_raise_checkpoint_error(scratch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")      # unexpected keys and NaN are reported as warnings
         try:
-            ckpt = W.open_checkpoint(path)
-            for comp in W.COMPONENTS:
-                model = W.load_component(ckpt, comp)
+            ckpt = checkpoint.open_checkpoint(path)
+            for comp in checkpoint.COMPONENTS:
+                model = checkpoint.load_component(ckpt, comp)
                 assert not any(p.is_meta for p in model.parameters())
-        except W.CheckpointError as exc:
+        except safetensors_file.CheckpointError as exc:
             assert "keys.safetensors" in str(exc) and "\n" not in str(exc)

@@ -10,9 +10,10 @@ import torch
 import sdlearn
 from checkpoints import diffusers_from_original, original_file
 from reference import cache_dir
-from sdlearn import pipeline as P
+from sdlearn import sources
+from sdlearn.checkpoint import COMPONENTS
 from sdlearn.configs import ModelConfig
-from sdlearn.weights import COMPONENTS, CheckpointError
+from sdlearn.safetensors_file import CheckpointError
 
 TINY = ModelConfig.tiny()
 
@@ -93,7 +94,7 @@ def test_loading_leaves_the_file_pages_unread_until_used():
 
 
 def test_meta_device_build_has_no_storage():
-    from sdlearn.weights import build_empty
+    from sdlearn.checkpoint import build_empty
     unet = build_empty("unet", ModelConfig.sd15())
     assert all(p.is_meta for p in unet.parameters())
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
@@ -105,7 +106,7 @@ def test_bad_dtype_is_a_clear_error():
 
 
 def test_missing_tiny_file_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setattr(P, "TINY_PATH", tmp_path / "tiny.safetensors")
+    monkeypatch.setattr(sources, "TINY_PATH", tmp_path / "tiny.safetensors")
     with pytest.raises(CheckpointError, match="not in this installation"):
         sdlearn.load_pipeline("tiny")
 
@@ -113,7 +114,7 @@ def test_missing_tiny_file_says_what_to_do(monkeypatch, tmp_path):
 @pytest.mark.parametrize("source", ["no/such/file.safetensors", "./missing", "nothing-here.ckpt"])
 def test_paths_that_do_not_exist_are_never_treated_as_repo_ids(source):
     with pytest.raises(CheckpointError, match="no such file"):
-        P.resolve_source(source)
+        sources.resolve_source(source)
 
 
 # ---- Hugging Face repo ids: cache first, HF_HUB_OFFLINE respected, never fetched otherwise ----
@@ -149,4 +150,4 @@ def test_repo_id_not_in_cache_while_offline_fails_clearly(monkeypatch, tmp_path)
 def test_repo_id_without_huggingface_hub_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(CheckpointError, match="pip install huggingface_hub"):
-        P.resolve_source("someone/model")
+        sources.resolve_source("someone/model")

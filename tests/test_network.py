@@ -19,10 +19,10 @@ import torch
 
 import sdlearn
 from checkpoints import diffusers_folder, original_file
-from sdlearn import pipeline as P
+from sdlearn import sources
 from sdlearn.cli import info
 from sdlearn.configs import ModelConfig
-from sdlearn.weights import CheckpointError
+from sdlearn.safetensors_file import CheckpointError
 
 TINY = ModelConfig.tiny()
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def no_network(monkeypatch):
 
 def test_local_sources_load_and_generate_with_the_network_cut(no_network, monkeypatch):
     file, folder = original_file(TINY), diffusers_folder(TINY)
-    monkeypatch.setattr(P, "TINY_PATH", file)          # "tiny" as installed: a file in the package
+    monkeypatch.setattr(sources, "TINY_PATH", file)         # "tiny" as installed: a file in the package
     monkeypatch.chdir(folder.parent.parent)
     looks_like_a_repo_id = f"{folder.parent.name}/{folder.name}"   # "owner/name", but a folder here wins
     for source in (str(file), file, str(folder), looks_like_a_repo_id, "tiny"):

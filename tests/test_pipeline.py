@@ -22,7 +22,8 @@ from test_clip import transformers_state_dict
 from test_samplers import reference_scheduler
 from sdlearn import shapes
 from sdlearn.configs import ModelConfig
-from sdlearn.pipeline import GenerationResult, Pipeline, StopGeneration, load_pipeline, read_defaults
+from sdlearn.pipeline import GenerationResult, Pipeline, StopGeneration, load_pipeline
+from sdlearn.sources import metadata_defaults
 
 TINY = ModelConfig.tiny()
 TOL = 2e-3            # pixels, max |difference| on the [0, 1] scale
@@ -319,7 +320,7 @@ def test_defaults_come_from_checkpoint_metadata_else_sd15(ours, tmp_path):
     assert (result.settings["sampler"], result.settings["steps"], result.steps_done) == ("ddim", 3, 3)
     assert result.pixels.shape == (1, 3, 64, 64)                   # the native size
     with pytest.warns(UserWarning, match="unusable"):
-        assert read_defaults({"sdlearn_defaults": '{"sampler": "plms", "steps": 20}'}) == {"steps": 20}
+        assert metadata_defaults({"sdlearn_defaults": '{"sampler": "plms", "steps": 20}'}) == {"steps": 20}
 
 
 # -- callback and early stop ----------------------------------------------------------------------
@@ -470,7 +471,7 @@ def pipeline_from_diffusers(pipe) -> Pipeline:
     """Our modules sharing the tensors of a diffusers pipeline (same names; nothing copied)."""
     from sdlearn.schedule import NoiseSchedule
     from sdlearn.tokenizer import default_tokenizer
-    from sdlearn.weights import build_empty
+    from sdlearn.checkpoint import build_empty
 
     config = ModelConfig.sd15()
     state = {"unet": pipe.unet.state_dict(), "vae": pipe.vae.state_dict(),

@@ -104,3 +104,26 @@ def test_bad_inputs_get_clear_errors(vae):
         LatentPreview.from_state_dict({"weight": [[0.0] * 4] * 4, "bias": [0.0] * 3})
     with pytest.raises(ValueError, match="'images' or 'decoded'"):
         LatentPreview.fit(vae, shape_images(1), target="latents")
+
+
+def test_fitting_images_are_generic_pictures_in_range():
+    from sdlearn.preview import fitting_images
+    images = fitting_images()
+    assert images.shape == (49, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+    assert torch.equal(images, fitting_images())                       # drawn from a fixed seed
+    assert images.flatten(1).std(1).gt(0).sum() >= 20                  # gradients and shapes, not only flat fields
+
+
+def test_fitting_a_preview_does_not_import_the_shapes_dataset():
+    """A general model's preview is fitted on `fitting_images`, so the pipeline needs no toy dataset."""
+    import subprocess
+    import sys
+    from checkpoints import original_file
+    from sdlearn.configs import ModelConfig
+    code = ("import sys, sdlearn; pipe = sdlearn.load_pipeline(sys.argv[1], device='cpu'); "
+            "assert pipe.latent_preview.weight.shape == (3, 4); "
+            "print(sorted(m for m in sys.modules if m in ('sdlearn.shapes', 'sdlearn.analyser', 'sdlearn.toy')))")
+    out = subprocess.run([sys.executable, "-c", code, str(original_file(ModelConfig.tiny()))], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

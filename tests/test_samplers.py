@@ -298,12 +298,17 @@ def test_img2img_strength_too_small_explains():
 
 
 def test_noise_from_a_cpu_generator_is_device_independent():
-    """The stochastic samplers draw from the generator's device, as diffusers' randn_tensor."""
-    from sdlearn.samplers import randn_like_diffusers
-    x = torch.zeros(2, 3, dtype=torch.float64)
-    a = randn_like_diffusers(x, torch.Generator().manual_seed(0))
-    assert a.dtype == torch.float64
-    assert torch.equal(a, torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    """The stochastic samplers draw through device.randn: on the generator's device, as diffusers'
+    randn_tensor, then moved; the dtype is the one asked for."""
+    from sdlearn.device import randn
+    a = randn((2, 3), torch.Generator().manual_seed(0), dtype=torch.float64, device="meta")
+    assert a.dtype == torch.float64 and a.device.type == "meta"        # drawn on the CPU, then moved
+    b = randn((2, 3), torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(b, torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    class OnAnotherDevice:                  # what randn sees of a CUDA generator on a machine without one
+        device = torch.device("cuda")
+    with pytest.raises(ValueError, match="a cuda generator cannot make noise for a tensor on cpu"):
+        randn((2,), OnAnotherDevice(), device="cpu")
 
 
 def test_sample_loop_runs_each_step_in_order():

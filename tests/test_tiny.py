@@ -4,7 +4,7 @@ import torch
 
 import sdlearn
 from sdlearn import analyser, shapes
-from sdlearn.pipeline import TINY_PATH
+from sdlearn.sources import TINY_PATH
 
 pytestmark = pytest.mark.skipif(not TINY_PATH.exists(), reason="the tiny model is not in this checkout")
 
@@ -20,7 +20,7 @@ def test_tiny_is_the_default_source(monkeypatch):
 
 
 def test_tiny_file_is_small_and_in_the_original_layout():
-    from sdlearn.weights import open_checkpoint
+    from sdlearn.checkpoint import open_checkpoint
     assert TINY_PATH.stat().st_size <= 25e6
     ckpt = open_checkpoint(TINY_PATH)
     assert ckpt.layout == "original"
@@ -86,8 +86,8 @@ def test_a_model_without_a_declared_vocabulary_is_never_checked():
 
 
 def test_vocabulary_metadata_is_read_and_checked():
-    from sdlearn.pipeline import read_vocabulary
-    from sdlearn.weights import CheckpointError
+    from sdlearn.sources import read_vocabulary
+    from sdlearn.safetensors_file import CheckpointError
     d = read_vocabulary({"sdlearn_vocabulary": '{"words": ["a", "dot"], "grammar": ["a dot"]}'})
     assert d == {"words": ["a", "dot"], "grammar": ["a dot"]}
     assert read_vocabulary({}) is None

@@ -8,7 +8,7 @@ import torch
 
 from sdlearn import export, runlog, shapes, train
 from sdlearn.configs import ModelConfig
-from sdlearn.weights import SafetensorsFile, read_safetensors_header
+from sdlearn.safetensors_file import SafetensorsFile, read_safetensors_header
 
 DATA = dict(images=32, two_shapes=0.1, seed=3)
 UNET = dict(batch=4, lr=1e-3, warmup=1, log_every=1, checkpoint_every=1, eval_steps=0, captions_per_image=2, **DATA)
@@ -83,6 +83,9 @@ def test_export_writes_the_ema_weights_in_the_original_layout(run, tmp_path):
     config = json.loads(f.metadata["sdlearn_config"])
     assert config == json.loads((run / "config.json").read_text())
     assert json.loads(f.metadata["sdlearn_defaults"]) == {"sampler": "ddim", "steps": 20}
+    assert "circle" in json.loads(f.metadata["sdlearn_vocabulary"])["words"]
+    stored = json.loads(f.metadata["sdlearn_preview"])
+    assert len(stored["weight"]) == 3 and len(stored["bias"]) == 3 and stored["rmse"] > 0
     assert f["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4          # 1×1 conv, as CompVis stores it
 
     import sdlearn
@@ -95,6 +98,8 @@ def test_export_writes_the_ema_weights_in_the_original_layout(run, tmp_path):
     vae_ema = train.load_checkpoint(run / "vae.pt")["ema"]
     for k, v in pipe.vae.state_dict().items():
         assert torch.equal(v, vae_ema["vae." + k]), k
+    assert pipe.latent_preview.weight.tolist() == stored["weight"]     # the stored preview, not a new fit
+    assert pipe.vocabulary["words"] == json.loads(f.metadata["sdlearn_vocabulary"])["words"]
 
 
 def test_export_falls_back_to_float16_and_refuses_what_does_not_fit(run, tmp_path):

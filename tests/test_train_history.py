@@ -7,8 +7,8 @@ import pytest
 matplotlib.use("Agg")
 
 from sdlearn import runlog, train, viz  # noqa: E402
-from sdlearn.pipeline import TINY_PATH  # noqa: E402
-from sdlearn.weights import SafetensorsFile  # noqa: E402
+from sdlearn.sources import TINY_PATH  # noqa: E402
+from sdlearn.safetensors_file import SafetensorsFile  # noqa: E402
 
 
 def _loss(stage, step, loss, sec=0.5, **parts):

@@ -11,7 +11,7 @@ from reference import randomize_, rel_err
 from sdlearn.attention import AttentionRecorder
 from sdlearn.configs import ModelConfig, VAEConfig
 from sdlearn.vae import AutoencoderKL, DiagonalGaussian
-from sdlearn.weights import load_component, open_checkpoint
+from sdlearn.checkpoint import load_component, open_checkpoint
 
 TOL = 1e-4
 
@@ -163,7 +163,7 @@ def test_attention_is_single_head_and_recordable(tiny):
 
 def test_attention_equals_compvis_attnblock_with_its_1x1_conv_weights(tiny):
     """The original checkpoints store q, k, v, proj_out as [C, C, 1, 1] convs: dropping the two
-    trailing 1s must give our linear layers exactly (this is what the key map in weights.py does)."""
+    trailing 1s must give our linear layers exactly (this is what the key map in layouts.py does)."""
     from ldm.modules.diffusionmodules.model import AttnBlock
 
     ours = tiny[0].decoder.mid_block.attentions[0]
@@ -183,7 +183,7 @@ def test_attention_equals_compvis_attnblock_with_its_1x1_conv_weights(tiny):
 
 def test_original_compvis_checkpoint_loads_and_matches_ldm():
     """A single file written from CompVis' own Encoder/Decoder (1×1-conv attention, `down`/`up`
-    names), loaded through sdlearn.weights, computes what the CompVis modules compute."""
+    names), loaded through sdlearn.checkpoint, computes what the CompVis modules compute."""
     config = ModelConfig.tiny()
     path = original_file(config)
     vae = load_component(open_checkpoint(path), "vae")

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from checkpoints import diffusers_folder, diffusers_from_original, original_file, original_state_dict
-from sdlearn import weights as W
+from sdlearn import checkpoint, layouts, safetensors_file
 from sdlearn.configs import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 
 TINY = ModelConfig.tiny()
@@ -39,8 +39,8 @@ def test_header_matches_the_safetensors_library(tmp_path):
     }
     path = tmp_path / "x.safetensors"
     save_file(tensors, str(path), metadata={"note": "hello"})
-    header = W.read_safetensors_header(path)
-    f = W.SafetensorsFile(path)
+    header = safetensors_file.read_safetensors_header(path)
+    f = safetensors_file.SafetensorsFile(path)
     with safe_open(str(path), "pt") as ref:
         assert set(header.tensors) == set(ref.keys())
         assert header.metadata == ref.metadata()
@@ -53,12 +53,12 @@ def test_header_matches_the_safetensors_library(tmp_path):
 def test_memory_mapped_tensors_are_views_not_copies(tmp_path):
     path = tmp_path / "big.safetensors"
     save_file({"w": torch.ones(1024, 1024)}, str(path))
-    f = W.SafetensorsFile(path)
+    f = safetensors_file.SafetensorsFile(path)
     a, b = f["w"], f["w"]
     # Both views point into the same mapped buffer: nothing was read into fresh memory.
     assert a.data_ptr() == b.data_ptr()
     a[0, 0] = 5.0                    # copy-on-write: writable, and the file is untouched
-    assert W.SafetensorsFile(path)["w"][0, 0] == 1.0
+    assert safetensors_file.SafetensorsFile(path)["w"][0, 0] == 1.0
 
 
 # ---- layouts and key renaming -----------------------------------------------------------------
@@ -67,7 +67,7 @@ def test_memory_mapped_tensors_are_views_not_copies(tmp_path):
 def test_original_layout_renames_to_the_same_tensors_as_diffusers_conversion(config):
     """CompVis `ldm` modules give the original names; diffusers' from_single_file converts the
     same file to its layout. sdlearn's rename rules must give exactly the same tensors."""
-    ckpt = W.open_checkpoint(original_file(config))
+    ckpt = checkpoint.open_checkpoint(original_file(config))
     assert ckpt.layout == "original"
     pipe = diffusers_from_original(config)
     for comp, module in [("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)]:
@@ -85,18 +85,18 @@ def test_original_layout_renames_to_the_same_tensors_as_diffusers_conversion(con
 @pytest.mark.parametrize("config", [TINY, SMALL], ids=["tiny", "small"])
 def test_rename_rules_are_a_bijection(config):
     sd = original_state_dict(config)
-    for comp, prefix in W.PREFIX.items():
-        rules = W.block_rules(comp, config)
+    for comp, prefix in layouts.PREFIX.items():
+        rules = layouts.block_rules(comp, config)
         for k in sd:
             if not k.startswith(prefix) or k.endswith("position_ids"):
                 continue
-            ours = W.from_original_key(k[len(prefix):], rules)
+            ours = layouts.from_original_key(k[len(prefix):], rules)
             assert ours is not None, k
-            assert prefix + W.to_original_key(ours, rules) == k
+            assert prefix + layouts.to_original_key(ours, rules) == k
 
 
 def test_diffusers_folder_opens_with_its_config():
-    ckpt = W.open_checkpoint(diffusers_folder(TINY))
+    ckpt = checkpoint.open_checkpoint(diffusers_folder(TINY))
     assert ckpt.layout == "diffusers"
     assert ckpt.config == TINY
     assert ckpt.tokenizer_folder is not None
@@ -109,16 +109,16 @@ def test_position_ids_are_never_loaded(tmp_path):
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.rand(1, 77) * 76  # corrupted floats
     path = tmp_path / "merged.safetensors"
     save_file(sd, str(path))
-    ckpt = W.open_checkpoint(path, config=TINY)
+    ckpt = checkpoint.open_checkpoint(path, config=TINY)
     assert not any("position_ids" in k for k in ckpt.tensors["text_encoder"])
     assert not ckpt.unexpected
 
 
 def test_summary_counts_tensors_and_parameters():
-    ckpt = W.open_checkpoint(original_file(TINY))
-    s = W.summarize(ckpt)
+    ckpt = checkpoint.open_checkpoint(original_file(TINY))
+    s = checkpoint.summarize(ckpt)
     sd = original_state_dict(TINY)
-    for comp, prefix in W.PREFIX.items():
+    for comp, prefix in layouts.PREFIX.items():
         keys = [k for k in sd if k.startswith(prefix) and not k.endswith("position_ids")]
         assert s[comp]["tensors"] == len(keys)
         assert s[comp]["parameters"] == sum(sd[k].numel() for k in keys)
@@ -146,8 +146,8 @@ def _write_keys(path: Path, keys: dict[str, tuple[int, ...]]) -> Path:
 ])
 def test_other_model_families_are_named(tmp_path, keys, message):
     path = _write_keys(tmp_path / "model.safetensors", keys)
-    with pytest.raises(W.CheckpointError, match=message) as err:
-        W.open_checkpoint(path)
+    with pytest.raises(safetensors_file.CheckpointError, match=message) as err:
+        checkpoint.open_checkpoint(path)
     assert "model.safetensors" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -159,8 +159,8 @@ def test_inpainting_checkpoint_is_named(tmp_path):
     path = tmp_path / "inpaint.safetensors"
     save_file(sd, str(path))
     # A file without sdlearn metadata is taken to be SD v1.5; its conv_in shape gives it away.
-    with pytest.raises(W.CheckpointError, match="inpainting"):
-        W.infer_original_config({k: tuple(v.shape) for k, v in sd.items()}, {}, path.name)
+    with pytest.raises(safetensors_file.CheckpointError, match="inpainting"):
+        layouts.infer_original_config({k: tuple(v.shape) for k, v in sd.items()}, {}, path.name)
 
 
 def _raw(header: dict, data: bytes = b"") -> bytes:
@@ -187,8 +187,8 @@ def _raw(header: dict, data: bytes = b"") -> bytes:
 def test_broken_files_get_one_clear_line(tmp_path, content, message):
     path = tmp_path / "broken.safetensors"
     path.write_bytes(content)
-    with pytest.raises(W.CheckpointError, match=message) as err:
-        W.open_checkpoint(path)
+    with pytest.raises(safetensors_file.CheckpointError, match=message) as err:
+        checkpoint.open_checkpoint(path)
     assert "broken.safetensors" in str(err.value)
 
 
@@ -196,16 +196,16 @@ def test_truncated_real_file(tmp_path):
     data = original_file(TINY).read_bytes()
     path = tmp_path / "cut.safetensors"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(W.CheckpointError, match="truncated"):
-        W.open_checkpoint(path)
+    with pytest.raises(safetensors_file.CheckpointError, match="truncated"):
+        checkpoint.open_checkpoint(path)
 
 
 def test_missing_path_and_unknown_suffix(tmp_path):
-    with pytest.raises(W.CheckpointError, match="no such file"):
-        W.open_checkpoint(tmp_path / "nothing.safetensors")
+    with pytest.raises(safetensors_file.CheckpointError, match="no such file"):
+        checkpoint.open_checkpoint(tmp_path / "nothing.safetensors")
     (tmp_path / "weights.onnx").write_bytes(b"x")
-    with pytest.raises(W.CheckpointError, match="unknown file type"):
-        W.open_checkpoint(tmp_path / "weights.onnx")
+    with pytest.raises(safetensors_file.CheckpointError, match="unknown file type"):
+        checkpoint.open_checkpoint(tmp_path / "weights.onnx")
 
 
 def test_diffusers_folder_with_a_missing_component(tmp_path):
@@ -213,19 +213,19 @@ def test_diffusers_folder_with_a_missing_component(tmp_path):
     folder = tmp_path / "sd"
     shutil.copytree(diffusers_folder(TINY), folder)
     shutil.rmtree(folder / "vae")
-    with pytest.raises(W.CheckpointError, match="vae/config.json"):
-        W.open_checkpoint(folder)
+    with pytest.raises(safetensors_file.CheckpointError, match="vae/config.json"):
+        checkpoint.open_checkpoint(folder)
     folder2 = tmp_path / "sd2"
     shutil.copytree(diffusers_folder(TINY), folder2)
     for f in (folder2 / "unet").glob("*.safetensors"):
         f.unlink()
-    with pytest.raises(W.CheckpointError, match="unet/ has no weights"):
-        W.open_checkpoint(folder2)
+    with pytest.raises(safetensors_file.CheckpointError, match="unet/ has no weights"):
+        checkpoint.open_checkpoint(folder2)
 
 
 def test_folder_without_model_index(tmp_path):
-    with pytest.raises(W.CheckpointError, match="model_index.json"):
-        W.open_checkpoint(tmp_path)
+    with pytest.raises(safetensors_file.CheckpointError, match="model_index.json"):
+        checkpoint.open_checkpoint(tmp_path)
 
 
 # ---- pickles: weights_only, and code never runs ----------------------------------------------
@@ -243,8 +243,8 @@ def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(2)}, "payload": _Payload(str(marker))}, path)
     assert not marker.exists()
-    with pytest.raises(W.CheckpointError, match="refused") as err:
-        W.open_checkpoint(path)
+    with pytest.raises(safetensors_file.CheckpointError, match="refused") as err:
+        checkpoint.open_checkpoint(path)
     assert "evil.ckpt" in str(err.value)
     assert not marker.exists()
 
@@ -253,7 +253,7 @@ def test_plain_pickle_of_tensors_loads(tmp_path):
     sd = original_state_dict(TINY)
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": sd, "global_step": 3}, path)
-    ckpt = W.open_checkpoint(path, config=TINY)
+    ckpt = checkpoint.open_checkpoint(path, config=TINY)
     assert ckpt.layout == "original"
     k = "model.diffusion_model.conv_in.weight"
     assert k not in ckpt.tensors["unet"]
@@ -264,6 +264,6 @@ def test_legacy_pickle_protocol_is_refused_cleanly(tmp_path):
     path = tmp_path / "old.pt"
     with open(path, "wb") as f:
         pickle.dump({"w": _Payload(str(tmp_path / "pwned2"))}, f)
-    with pytest.raises(W.CheckpointError):
-        W.open_checkpoint(path)
+    with pytest.raises(safetensors_file.CheckpointError):
+        checkpoint.open_checkpoint(path)
     assert not (tmp_path / "pwned2").exists()
