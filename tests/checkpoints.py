@@ -24,7 +24,6 @@ from reference import cache_dir, randomize_
 from sdlearn.configs import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 
 VOCAB_GZ = Path(__file__).resolve().parents[1] / "sdlearn" / "data" / "bpe_simple_vocab_16e6.txt.gz"
-FALLBACK_VOCAB_GZ = Path("/tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz")
 
 
 # ---- diffusers / transformers / ldm constructor arguments for sdlearn configs -----------------
@@ -99,7 +98,7 @@ def write_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
     if vocab_path.exists() and merges_path.exists():
         return vocab_path, merges_path
-    gz = VOCAB_GZ if VOCAB_GZ.exists() else FALLBACK_VOCAB_GZ
+    gz = VOCAB_GZ
     lines = gzip.open(gz).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     merges = [tuple(line.split()) for line in lines]
     vocab = list(bytes_to_unicode().values())

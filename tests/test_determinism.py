@@ -98,14 +98,17 @@ def test_the_starting_noise_is_a_seeded_cpu_generators_whatever_the_global_state
 
 
 def test_half_precisions_on_the_cpu_stay_close_to_float32():
-    """README: float16 pixels within 2/255 of float32 after 20 steps with the tiny model, bfloat16
-    (the approximate, opt-in CPU mode) within 17/255. Same prompts, same seed, default sampler."""
+    """Half precision against float32 after 20 steps with the tiny model (same prompts, seed, default
+    sampler). Measured over seeds 3–5 (2026-12): float16 max 0.8–1.6/255, mean 0.05/255; bfloat16 (the
+    approximate CPU mode) max 8–17/255, mean 0.5/255. The bounds leave about twice that: the largest
+    pixel difference sits on one shape edge and jumps from seed to seed, the mean does not."""
     prompts = ["a red circle on the left", "a small blue square", "a large green triangle at the top"]
     want = sdlearn.load_pipeline("tiny", "cpu", torch.float32).generate(prompts, seed=3, progress=False).pixels
-    for dtype, limit in ((torch.float16, 2 / 255), (torch.bfloat16, 17 / 255)):
+    for dtype, max_limit, mean_limit in ((torch.float16, 4 / 255, 0.15 / 255), (torch.bfloat16, 32 / 255, 1.2 / 255)):
         pipe = sdlearn.load_pipeline("tiny", "cpu", dtype)
         assert pipe.unet.conv_in.weight.dtype == dtype
         got = pipe.generate(prompts, seed=3, progress=False).pixels
         assert got.dtype == torch.float32 and got.shape == want.shape
-        err = (got - want).abs().max().item()
-        assert 0 < err <= limit, f"{dtype}: max pixel difference {err * 255:.2f}/255"
+        diff = (got - want).abs()
+        assert 0 < diff.max() <= max_limit, f"{dtype}: max pixel difference {diff.max() * 255:.2f}/255"
+        assert diff.mean() <= mean_limit, f"{dtype}: mean pixel difference {diff.mean() * 255:.2f}/255"

@@ -1,4 +1,4 @@
-"""NoiseSchedule against diffusers, CompVis `ldm` and the numbers in GOTCHAS.md."""
+"""NoiseSchedule against diffusers, CompVis `ldm` and the published ᾱ values of SD's schedule."""
 from __future__ import annotations
 
 import math
@@ -45,9 +45,9 @@ def test_scaled_linear_is_compvis_linear():
     ("scaled_linear", (0.9991, 0.9913, 0.2777, 0.0047)),
     ("linear", (0.9999, 0.9981, 0.0786, 0.00004)),
 ])
-def test_alphas_cumprod_at_gotchas_timesteps(name, expected):
+def test_alphas_cumprod_at_timesteps_1_10_500_1000(name, expected):
     abar = getattr(NoiseSchedule, name)().alphas_cumprod
-    got = [abar[t - 1].item() for t in (1, 10, 500, 1000)]      # GOTCHAS counts t from 1
+    got = [abar[t - 1].item() for t in (1, 10, 500, 1000)]      # t counted from 1, as in the DDPM paper
     assert [round(v, 4 if v > 1e-3 else 5) for v in got] == list(expected)
 
 

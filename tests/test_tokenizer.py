@@ -20,7 +20,7 @@ from sdlearn.tokenizer import BUNDLED_VOCAB, CLIPTokenizer, default_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
-ASTRONAUT = [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]   # GOTCHAS.md
+ASTRONAUT = [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]   # transformers CLIPTokenizer
 
 
 def _openai_vocabulary() -> tuple[dict[str, int], list[str]]:
