@@ -1,19 +1,27 @@
 """A synthetic captioned dataset of coloured shapes (its analyser is `sdlearn.analyser`).
 
-The tiny model learns from pictures like "a large red circle on the left": one (sometimes two)
-flat coloured shapes on a plain neutral background, 64×64 RGB. Captions follow the grammar
+The tiny model learns from pictures like "a large red circle on the left": one or two flat
+coloured shapes on a plain neutral background, 64×64 RGB. Captions follow the grammar (v2)
 
-    a [small|large] {red|green|blue|yellow|purple|orange} {circle|square|triangle}
-      [on the left|on the right|at the top|at the bottom|in the center]
+    one object   a [small|large] {red|green|blue|yellow|purple|orange} {circle|square|triangle}
+                   [on the left|on the right|at the top|at the bottom|in the center]
+                 a picture of <that>  ·  red circle, left  ·  red circle
+    two objects  <object on the left> and <object on the right>      (either mentioned first)
+                 <object at the top> and <object at the bottom>      (either mentioned first)
+                 a picture of <that>
 
-with variations ("red circle, left", "a picture of a blue square", "… and …"), and every sample
-also carries its structured attributes, so alignment is *measured*: `analyse(image)` finds the
-shape in any 64×64 picture (a generated one too) and says which colour, shape and position it has
-(`sdlearn.analyser`).
+where an object in a two-object caption always says where it is and may say its size. Every
+sample also carries its structured attributes, so alignment is *measured*: the analyser reads
+colour, shape, size and position back from any 64×64 picture, a generated one too.
+
+Three colour–shape pairs, `HELD_OUT`, never occur in training pictures, alone or in a pair,
+although each of their colours and shapes does with other partners: whether the model can draw
+"a purple triangle" then tests composition, not memory.
 
     s = sample(7)                              # ShapeSample(image, caption, attributes)
     data = make_dataset(20_000, seed=0)        # uint8 (N, 3, 64, 64), captions, attributes
-    grammar_prompts()                          # the 108 one-shape benchmark prompts
+    grammar_prompts()                          # the 108 one-object benchmark prompts
+    held_out_prompts(), pair_prompts()         # 54 held-out-pair prompts, 120 two-object prompts
 
 Everything is deterministic by seed: sample i of `make_dataset(n, seed)` is drawn from
 `numpy.random.default_rng([seed, i])`, so it does not depend on n.
@@ -23,8 +31,9 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from itertools import permutations
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Collection, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -57,8 +66,14 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (242, 242, 242), "light grey": (200, 200, 200), "dark grey": (70, 70, 70),
     "black": (22, 22, 22), "beige": (232, 222, 198),
 }
-# Two shapes go on opposite sides, so they never overlap.
+# Two objects go on opposite sides, first side first, with at least MIN_GAP pixels between
+# their bounding boxes: they never touch, and a blurred picture still shows two blobs.
 PAIRS = (("left", "right"), ("top", "bottom"))
+MIN_GAP = 4.0
+# Never drawn in training. One per colour and per shape (a matching), so drawing the colour
+# uniformly and then the shape uniformly among its allowed partners keeps both uniform; one
+# colour from each neighbourhood of the palette (blue–purple, green, red–orange–yellow).
+HELD_OUT: tuple[tuple[str, str], ...] = (("purple", "triangle"), ("green", "circle"), ("orange", "square"))
 
 
 @dataclass(frozen=True)
@@ -66,7 +81,8 @@ class ShapeSample:
     """One picture: `image` uint8 (64, 64, 3), its caption, and what is in it.
 
     attributes = {"background": "white", "shapes": [{"colour", "shape", "size", "position",
-    "cx", "cy", "extent"}, …]} with cx, cy, extent in pixels.
+    "cx", "cy", "extent"}, …]} with cx, cy, extent in pixels; two shapes are listed left before
+    right, top before bottom (the caption may mention them in either order).
     """
     image: np.ndarray
     caption: str
@@ -130,12 +146,15 @@ def phrase(s: dict[str, Any], *, with_size: bool, with_position: bool) -> str:
 def caption(shapes: Sequence[dict[str, Any]], rng: np.random.Generator) -> str:
     """A caption for one or two shapes, with the grammar's variations.
 
-    Single shape (probabilities): 70 % the grammar with optional size and position,
+    One shape (probabilities): 70 % the grammar with optional size (40 %) and position (75 %),
     10 % "a picture of …", 10 % terse "red circle, left", 10 % bare "red circle".
-    Two shapes: "… and …", always with positions (otherwise the caption is ambiguous).
+    Two shapes: either one first (50 %), each with its position (without, the caption would not
+    say which is which) and an optional size (40 % each); 10 % start "a picture of …".
     """
     if len(shapes) == 2:
-        return " and ".join(phrase(s, with_size=rng.random() < 0.4, with_position=True) for s in shapes)
+        first, second = shapes if rng.random() < 0.5 else shapes[::-1]
+        text = " and ".join(phrase(s, with_size=rng.random() < 0.4, with_position=True) for s in (first, second))
+        return "a picture of " + text if rng.random() < 0.1 else text
     s = shapes[0]
     style = rng.random()
     if style < 0.8:
@@ -151,10 +170,11 @@ _WORD = {w: ("colour", w) for w in COLOURS} | {w: ("shape", w) for w in SHAPES} 
 
 
 def parse_caption(text: str) -> list[dict[str, str | None]]:
-    """What a caption asks for, one dict per shape ("… and …"), None where it says nothing.
+    """What a caption asks for, one dict per shape in the order mentioned ("… and …"), None
+    where it says nothing.
 
     "a large red circle on the left" → [{"colour": "red", "shape": "circle", "size": "large",
-    "position": "left"}]. Understands every caption `caption()` writes and the grammar prompts.
+    "position": "left"}]. Understands every caption `caption()` writes and every benchmark prompt.
     """
     found = []
     for part in re.split(r"\band\b", text.lower()):
@@ -170,40 +190,62 @@ def parse_caption(text: str) -> list[dict[str, str | None]]:
 
 # ----------------------------------------------------------------------------------- sampling
 
-def _shape(rng: np.random.Generator, position: str) -> dict[str, Any]:
-    size = rng.choice(list(SIZES))
-    x, y = POSITIONS[position]
+def _partners(held_out: Collection[tuple[str, str]]) -> dict[str, list[str]]:
+    """colour → the shapes it may be drawn as; every colour and shape must keep a partner."""
+    held = {tuple(pair) for pair in held_out}
+    unknown = [pair for pair in held if pair[0] not in COLOURS or pair[1] not in SHAPES]
+    if unknown:
+        raise ValueError(f"held_out has pairs outside the palette and shapes: {unknown}; "
+                         f"colours are {list(COLOURS)}, shapes {list(SHAPES)}")
+    partners = {c: [s for s in SHAPES if (c, s) not in held] for c in COLOURS}
+    lonely = [c for c, ss in partners.items() if not ss] + [s for s in SHAPES if all(s not in ss for ss in partners.values())]
+    if lonely:
+        raise ValueError(f"held_out leaves {lonely} with no partner at all; hold out fewer pairs")
+    return partners
+
+
+def _object(rng: np.random.Generator, position: str, partners: dict[str, list[str]]) -> dict[str, Any]:
+    """What one object is: colour (uniform), shape (uniform among the colour's partners), size."""
+    colour = str(rng.choice(list(COLOURS)))
+    return {"colour": colour, "shape": str(rng.choice(partners[colour])), "size": str(rng.choice(list(SIZES))),
+            "position": position}
+
+
+def _place(rng: np.random.Generator, s: dict[str, Any]) -> dict[str, Any]:
+    """Where it goes: its anchor and nominal size, each jittered (cx, cy, extent in pixels)."""
+    x, y = POSITIONS[s["position"]]
     jitter = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=2)
-    extent = SIZES[size] + rng.uniform(-SIZE_JITTER, SIZE_JITTER)
-    return {"colour": str(rng.choice(list(COLOURS))), "shape": str(rng.choice(SHAPES)), "size": str(size),
-            "position": position, "cx": round(float((x + jitter[0]) * SIZE), 3),
-            "cy": round(float((y + jitter[1]) * SIZE), 3), "extent": round(float(extent * SIZE), 3)}
+    extent = SIZES[s["size"]] + rng.uniform(-SIZE_JITTER, SIZE_JITTER)
+    return s | {"cx": round(float((x + jitter[0]) * SIZE), 3), "cy": round(float((y + jitter[1]) * SIZE), 3),
+                "extent": round(float(extent * SIZE), 3)}
 
 
-def _overlap(a: dict[str, Any], b: dict[str, Any], gap: float = 3.0) -> bool:
-    reach = (a["extent"] + b["extent"]) / 2 + gap
-    return abs(a["cx"] - b["cx"]) < reach and abs(a["cy"] - b["cy"]) < reach
+def gap(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Pixels between the bounding boxes of two placed shapes (negative: they overlap)."""
+    return max(abs(a["cx"] - b["cx"]), abs(a["cy"] - b["cy"])) - (a["extent"] + b["extent"]) / 2
 
 
-def _sample(rng: np.random.Generator, two_shapes: float) -> ShapeSample:
+def _sample(rng: np.random.Generator, two_shapes: float, partners: dict[str, list[str]]) -> ShapeSample:
     background = str(rng.choice(list(BACKGROUNDS)))
     if rng.random() < two_shapes:
         pair = PAIRS[rng.integers(len(PAIRS))]
-        if rng.random() < 0.5:
-            pair = pair[::-1]
-        while True:  # redraw sizes and jitter until the two do not touch (rarely more than once)
-            shapes = [_shape(rng, p) for p in pair]
-            if not _overlap(*shapes):
+        objects = [_object(rng, p, partners) for p in pair]
+        while True:   # jitter again until MIN_GAP holds (two large shapes: about one try in five)
+            shapes = [_place(rng, s) for s in objects]
+            if gap(*shapes) >= MIN_GAP:
                 break
     else:
-        shapes = [_shape(rng, str(rng.choice(list(POSITIONS))))]
-    return ShapeSample(draw(shapes, background), caption(shapes, rng),
-                       {"background": background, "shapes": shapes})
+        shapes = [_place(rng, _object(rng, str(rng.choice(list(POSITIONS))), partners))]
+    return ShapeSample(draw(shapes, background), caption(shapes, rng), {"background": background, "shapes": shapes})
 
 
-def sample(seed: int, index: int = 0, *, two_shapes: float = 0.0) -> ShapeSample:
-    """The picture drawn from `default_rng([seed, index])`; `two_shapes` = P(two shapes)."""
-    return _sample(np.random.default_rng([seed, index]), two_shapes)
+def sample(seed: int, index: int = 0, *, two_shapes: float = 0.0,
+           held_out: Collection[tuple[str, str]] = HELD_OUT) -> ShapeSample:
+    """The picture drawn from `default_rng([seed, index])`; `two_shapes` = P(two shapes).
+
+    No object is one of the (colour, shape) pairs in `held_out`; pass `held_out=()` to draw any.
+    """
+    return _sample(np.random.default_rng([seed, index]), two_shapes, _partners(held_out))
 
 
 _C, _S = "{" + "|".join(COLOURS) + "}", "{" + "|".join(SHAPES) + "}"
@@ -211,7 +253,7 @@ GRAMMAR = (
     f"a [small|large] {_C} {_S} [" + "|".join(POSITION_PHRASES.values()) + "]",
     "a picture of <the above>",
     f"{_C} {_S}[, " + "{" + "|".join(POSITIONS) + "}]",
-    "<a shape on the left> and <a shape on the right>   (or at the top and at the bottom)",
+    "<a [size] shape on the left> and <a [size] shape on the right>   (either first; or at the top and at the bottom)",
 )
 
 
@@ -223,24 +265,33 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-DATASET_VERSION = 1  # bump when drawing or captions change, so old caches are not reused
+DATASET_VERSION = 2  # bump when drawing or captions change, so old caches are not reused
 
 
-def make_dataset(n: int, seed: int = 0, *, two_shapes: float = 0.1,
+def _held_out_tag(held_out: Collection[tuple[str, str]]) -> str:
+    pairs = sorted({tuple(p) for p in held_out})
+    return "-".join(f"{c}_{s}" for c, s in pairs) or "none"
+
+
+def make_dataset(n: int, seed: int = 0, *, two_shapes: float = 0.1, held_out: Collection[tuple[str, str]] = HELD_OUT,
                  cache_dir: str | Path | None = None) -> ShapeDataset:
     """n samples → ShapeDataset(images uint8 (n, 3, 64, 64), captions, attributes).
 
-    About 0.5 ms per image; with `cache_dir` the result is stored once as a compressed .npz
-    (a few MB for 20,000 images) and read back on later calls with the same arguments.
+    `held_out`: (colour, shape) pairs no picture shows (default HELD_OUT, for training; `()`
+    draws every pair, e.g. to test the analyser). About 0.5 ms per image; with `cache_dir` the
+    result is stored once as a compressed .npz (a few MB for 20,000 images) and read back on
+    later calls with the same arguments.
     """
+    partners = _partners(held_out)
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"shapes-v{DATASET_VERSION}-n{n}-seed{seed}-two{two_shapes:g}.npz"
+        path = Path(cache_dir) / (f"shapes-v{DATASET_VERSION}-n{n}-seed{seed}-two{two_shapes:g}"
+                                  f"-without-{_held_out_tag(held_out)}.npz")
         if path.exists():
             with np.load(path) as f:
                 return ShapeDataset(torch.from_numpy(f["images"]), json.loads(str(f["captions"])),
                                     json.loads(str(f["attributes"])))
-    samples = [sample(seed, i, two_shapes=two_shapes) for i in range(n)]
+    samples = [_sample(np.random.default_rng([seed, i]), two_shapes, partners) for i in range(n)]
     images = np.stack([s.image for s in samples]).transpose(0, 3, 1, 2).copy()
     data = ShapeDataset(torch.from_numpy(images), [s.caption for s in samples], [s.attributes for s in samples])
     if path is not None:
@@ -252,16 +303,68 @@ def make_dataset(n: int, seed: int = 0, *, two_shapes: float = 0.1,
     return data
 
 
-def grammar_prompts() -> list[dict[str, str | None]]:
-    """The 108 benchmark prompts: 6 colours × 3 shapes × (no position + 5 positions).
+# ----------------------------------------------------------------------------------- benchmark prompt sets
+
+def is_held_out(colour: str, shape: str) -> bool:
+    """Whether training never shows this colour–shape pair (it is in HELD_OUT)."""
+    return (colour, shape) in HELD_OUT
+
+
+def _one(colour: str, shape: str, position: str | None, size: str | None = None) -> dict[str, Any]:
+    words = [w for w in ("a", size, colour, shape, position and POSITION_PHRASES[position]) if w]
+    return {"prompt": " ".join(words), "colour": colour, "shape": shape, "size": size, "position": position,
+            "held_out": is_held_out(colour, shape)}
+
+
+def grammar_prompts() -> list[dict[str, Any]]:
+    """The 108 one-object benchmark prompts: 6 colours × 3 shapes × (no position + 5 positions).
 
     Each entry: {"prompt": "a red circle on the left", "colour": "red", "shape": "circle",
-    "position": "left"} (position None for "a red circle").
+    "size": None, "position": "left", "held_out": False} (position None for "a red circle");
+    18 of them (3 pairs × 6) ask for a HELD_OUT pair and say so.
     """
+    return [_one(colour, shape, position) for colour in COLOURS for shape in SHAPES for position in (None, *POSITIONS)]
+
+
+def held_out_prompts() -> list[dict[str, Any]]:
+    """The 54 one-object prompts for the HELD_OUT pairs: 3 pairs × (no size, small, large) ×
+    (no position + 5 positions), entries as in `grammar_prompts` ("a small purple triangle at the top")."""
+    return [_one(colour, shape, position, size) for colour, shape in HELD_OUT
+            for size in (None, *SIZES) for position in (None, *POSITIONS)]
+
+
+def pair_prompts() -> list[dict[str, Any]]:
+    """The 120 two-object benchmark prompts, a balanced, fixed subset of all of them.
+
+    Each of the 30 ordered pairs of distinct colours (first side, second side) comes in the 4
+    variants layout (left–right, top–bottom) × mention order (first side first, or second), and
+    gets the ordered pair of distinct shapes number (colour pair + variant) mod 6. So each layout
+    and each order is 60 prompts, each colour and each shape is as often on either side, and the
+    two objects always differ in colour and in shape (so a swap or a leak is unambiguous).
+    Half the prompts give sizes: those where colour pair + order is even, small–large or
+    large–small by the parity of colour pair // 2 + variant + order, so that every side of either
+    layout holds as many small as large objects, in either order. Prompts with a HELD_OUT pair
+    are marked.
+
+    Each entry: {"prompt": "a blue square on the right and a red circle on the left",
+    "layout": ("left", "right"), "objects": [{"colour", "shape", "size", "position",
+    "held_out"}, …] (in the order mentioned), "held_out": True if either object is}.
+    """
+    colour_pairs = list(permutations(COLOURS, 2))
+    size_orders = (("small", "large"), ("large", "small"))
+    shape_pairs = list(permutations(SHAPES, 2))
     prompts = []
-    for colour in COLOURS:
-        for shape in SHAPES:
-            for position in (None, *POSITIONS):
-                text = f"a {colour} {shape}" + (f" {POSITION_PHRASES[position]}" if position else "")
-                prompts.append({"prompt": text, "colour": colour, "shape": shape, "position": position})
+    for p, (c1, c2) in enumerate(colour_pairs):
+        for v in range(4):
+            layout, order = PAIRS[v % 2], v // 2
+            s1, s2 = shape_pairs[(p + v) % len(shape_pairs)]
+            sizes = (None, None) if (p + order) % 2 else size_orders[(p // 2 + v + order) % 2]
+            objects = [_one(c, s, pos, size) for c, s, pos, size in zip((c1, c2), (s1, s2), layout, sizes)]
+            if order:
+                objects = objects[::-1]
+            for o in objects:
+                del o["prompt"]
+            prompts.append({"prompt": " and ".join(phrase(o, with_size=o["size"] is not None, with_position=True)
+                                                   for o in objects),
+                            "layout": layout, "objects": objects, "held_out": any(o["held_out"] for o in objects)})
     return prompts

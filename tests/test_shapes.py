@@ -1,21 +1,26 @@
-"""The synthetic dataset is deterministic and self-consistent; the analyser reads it back."""
+"""The synthetic dataset (grammar v2): deterministic, self-consistent, balanced, with three
+colour–shape pairs held out of training; and its fixed benchmark prompt sets.
+(Reading pictures back is tests/test_analyser.py.)"""
 from collections import Counter
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter
 
 from sdlearn import analyser, shapes
 
-KEYS = ("colour", "shape", "position", "size")
-
 
 @pytest.fixture(scope="module")
-def single():
-    return shapes.make_dataset(1000, seed=11, two_shapes=0.0)
+def training():
+    """What the trainer draws: held-out pairs left out, a third of the pictures with two shapes."""
+    return shapes.make_dataset(1500, seed=3, two_shapes=0.35)
 
+
+def _objects(data):
+    return [s for attrs in data.attributes for s in attrs["shapes"]]
+
+
+# ----------------------------------------------------------------------------------- determinism and layout
 
 def test_same_seed_same_sample_and_different_seed_different_sample():
     a, b, c = shapes.sample(5, 3), shapes.sample(5, 3), shapes.sample(5, 4)
@@ -36,12 +41,15 @@ def test_dataset_tensor_layout():
     assert len(d.captions) == len(d.attributes) == 4
 
 
-def test_cache_round_trips(tmp_path):
+def test_cache_round_trips_and_keeps_held_out_choices_apart(tmp_path):
     first = shapes.make_dataset(20, seed=4, two_shapes=0.5, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.npz"))) == 1
     second = shapes.make_dataset(20, seed=4, two_shapes=0.5, cache_dir=tmp_path)
     assert torch.equal(first.images, second.images)
     assert first.captions == second.captions and first.attributes == second.attributes
+    every_pair = shapes.make_dataset(20, seed=4, two_shapes=0.5, held_out=(), cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 2                   # not the held-out file read back
+    assert every_pair.captions == shapes.make_dataset(20, seed=4, two_shapes=0.5, held_out=()).captions
 
 
 def test_background_is_plain_and_never_a_shape_colour():
@@ -53,116 +61,147 @@ def test_background_is_plain_and_never_a_shape_colour():
     assert (s.image[0] == bg).all() and (s.image[-1] == bg).all()
 
 
-def test_captions_say_only_what_is_in_the_picture():
-    d = shapes.make_dataset(400, seed=3, two_shapes=0.3)
-    n_two = 0
-    for text, attrs in zip(d.captions, d.attributes):
-        said = shapes.parse_caption(text)
-        truth = attrs["shapes"]
+# ----------------------------------------------------------------------------------- captions
+
+def test_captions_say_only_what_is_in_the_picture(training):
+    for text, attrs in zip(training.captions, training.attributes):
+        said, truth = shapes.parse_caption(text), attrs["shapes"]
         assert len(said) == len(truth), text
-        n_two += len(truth) == 2
+        if len(truth) == 2:        # either may be mentioned first; each says where it is
+            assert all(s["position"] is not None for s in said), text
+            said = sorted(said, key=lambda s: [t["position"] for t in truth].index(s["position"]))
         for s, t in zip(said, truth):
-            assert s["colour"] == t["colour"] and s["shape"] == t["shape"], text
+            assert (s["colour"], s["shape"]) == (t["colour"], t["shape"]), text
             for key in ("size", "position"):
                 assert s[key] in (None, t[key]), text
-    assert 60 < n_two < 180
 
 
-def test_captions_vary_like_the_grammar_says():
-    captions = shapes.make_dataset(400, seed=5, two_shapes=0.1).captions
-    assert any(c.startswith("a picture of a ") for c in captions)
-    assert any(", " in c for c in captions)                  # "red circle, left"
-    assert any(" and " in c for c in captions)
-    assert any(c.startswith(("a small ", "a large ")) for c in captions)
-    assert any(c.endswith(("circle", "square", "triangle")) for c in captions)
+def test_captions_vary_like_the_grammar_says(training):
+    captions = training.captions
+    one = [c for c in captions if " and " not in c]
+    two = [c for c in captions if " and " in c]
+    assert any(c.startswith("a picture of a ") for c in one)
+    assert any(", " in c for c in one)                                    # "red circle, left"
+    assert any(c.startswith(("a small ", "a large ")) for c in one)
+    assert any(c.endswith(("circle", "square", "triangle")) for c in one)
+    for first, second in (("on the left", "on the right"), ("at the top", "at the bottom")):
+        assert any(f" {first} and " in c for c in two) and any(f" {second} and " in c for c in two)
+    assert any(c.startswith("a picture of ") for c in two)
+    assert any(" and a small " in c or " and a large " in c for c in two)
+    assert set(shapes.vocabulary()) >= {w for c in captions for w in c.replace(",", "").split()}
 
 
-def test_every_attribute_value_occurs():
-    attrs = [a["shapes"][0] for a in shapes.make_dataset(600, seed=6, two_shapes=0.0).attributes]
-    assert set(Counter(a["colour"] for a in attrs)) == set(shapes.COLOURS)
-    assert set(Counter(a["shape"] for a in attrs)) == set(shapes.SHAPES)
-    assert set(Counter(a["position"] for a in attrs)) == set(shapes.POSITIONS)
-    assert set(Counter(a["size"] for a in attrs)) == set(shapes.SIZES)
+def test_rewordings_of_a_pair_mention_either_object_first():
+    pair = shapes.sample(0, 1, two_shapes=1.0).attributes["shapes"]
+    firsts = {shapes.parse_caption(shapes.caption(pair, np.random.default_rng(k)))[0]["position"] for k in range(20)}
+    assert firsts == {pair[0]["position"], pair[1]["position"]}
+
+
+# ----------------------------------------------------------------------------------- what is drawn
+
+def test_every_attribute_value_occurs(training):
+    objects = _objects(training)
+    assert {s["colour"] for s in objects} == set(shapes.COLOURS)
+    assert {s["shape"] for s in objects} == set(shapes.SHAPES)
+    assert {s["position"] for s in objects} == set(shapes.POSITIONS)
+    assert {s["size"] for s in objects} == set(shapes.SIZES)
+    assert {a["background"] for a in training.attributes} == set(shapes.BACKGROUNDS)
+
+
+def test_held_out_pairs_never_occur_in_training_but_their_colours_and_shapes_do(training):
+    drawn = Counter((s["colour"], s["shape"]) for s in _objects(training))
+    assert not set(drawn) & set(shapes.HELD_OUT)
+    assert set(drawn) == {(c, s) for c in shapes.COLOURS for s in shapes.SHAPES} - set(shapes.HELD_OUT)
+    for colour, shape in shapes.HELD_OUT:                 # each still seen with other partners
+        assert sum(n for (c, _), n in drawn.items() if c == colour) > 100
+        assert sum(n for (_, s), n in drawn.items() if s == shape) > 100
+    everything = shapes.make_dataset(600, seed=3, two_shapes=0.35, held_out=())
+    assert set(shapes.HELD_OUT) <= {(s["colour"], s["shape"]) for s in _objects(everything)}
+
+
+def test_colours_and_shapes_stay_uniform_with_pairs_held_out(training):
+    objects = _objects(training)
+    n = len(objects)
+    for key, values in (("colour", shapes.COLOURS), ("shape", shapes.SHAPES)):
+        counts = Counter(s[key] for s in objects)
+        expected = n / len(values)                       # binomial sd ≈ √expected; allow 4 of them
+        assert all(abs(counts[v] - expected) < 4 * expected ** 0.5 for v in values), (key, counts)
+
+
+def test_held_out_pairs_must_leave_every_colour_and_shape_a_partner():
+    with pytest.raises(ValueError, match="no partner"):
+        shapes.sample(0, 0, held_out=[("red", s) for s in shapes.SHAPES])
+    with pytest.raises(ValueError, match="outside the palette"):
+        shapes.make_dataset(2, held_out=[("pink", "circle")])
+    drawn = [shapes.sample(0, i, held_out=[("red", "circle"), ("red", "square")]).attributes["shapes"][0]
+             for i in range(200)]
+    assert {s["shape"] for s in drawn if s["colour"] == "red"} == {"triangle"}
+
+
+def test_two_shapes_sit_on_opposite_sides_and_never_touch(training):
+    pairs = [a["shapes"] for a in training.attributes if len(a["shapes"]) == 2]
+    assert 400 < len(pairs) < 650
+    assert Counter(tuple(s["position"] for s in p) for p in pairs).keys() == set(shapes.PAIRS)
+    assert min(shapes.gap(*p) for p in pairs) >= shapes.MIN_GAP
+    sizes = Counter(tuple(s["size"] for s in p) for p in pairs)
+    assert len(sizes) == 4 and min(sizes.values()) > len(pairs) / 8, sizes     # large + large too
+    for p in pairs:
+        for s in p:
+            assert 0 <= s["cx"] - s["extent"] / 2 and s["cx"] + s["extent"] / 2 <= shapes.SIZE
+            assert 0 <= s["cy"] - s["extent"] / 2 and s["cy"] + s["extent"] / 2 <= shapes.SIZE
+
+
+# ----------------------------------------------------------------------------------- benchmark prompt sets
+
+def _said(prompt):
+    return [(s["colour"], s["shape"], s["size"], s["position"]) for s in shapes.parse_caption(prompt)]
 
 
 def test_grammar_prompts_are_the_108_of_the_benchmark():
     prompts = shapes.grammar_prompts()
     assert len(prompts) == 108 == len({p["prompt"] for p in prompts})
-    assert {"prompt": "a red circle", "colour": "red", "shape": "circle", "position": None} in prompts
-    assert {"prompt": "a orange triangle at the bottom", "colour": "orange", "shape": "triangle",
-            "position": "bottom"} in prompts
+    assert {"prompt": "a red circle", "colour": "red", "shape": "circle", "size": None, "position": None,
+            "held_out": False} in prompts
+    assert {"prompt": "a purple triangle at the bottom", "colour": "purple", "shape": "triangle", "size": None,
+            "position": "bottom", "held_out": True} in prompts
     assert sum(p["position"] is None for p in prompts) == 18
+    assert sum(p["held_out"] for p in prompts) == 18
     for p in prompts:
-        said = shapes.parse_caption(p["prompt"])[0]
-        assert (said["colour"], said["shape"], said["position"]) == (p["colour"], p["shape"], p["position"])
+        assert p["held_out"] == ((p["colour"], p["shape"]) in shapes.HELD_OUT)
+        assert _said(p["prompt"]) == [(p["colour"], p["shape"], None, p["position"])]
 
 
-def _agreement(images, attributes):
-    wrong = Counter()
-    for image, attrs in zip(images, attributes):
-        got, want = analyser.analyse(image), attrs["shapes"][0]
-        for key in KEYS:
-            wrong[key] += got[key] != want[key]
-    return {key: 1 - wrong[key] / len(images) for key in KEYS}
+def test_held_out_prompts_ask_for_held_out_pairs_in_every_size_and_place():
+    prompts = shapes.held_out_prompts()
+    assert len(prompts) == 54 == len({p["prompt"] for p in prompts})
+    assert {(p["colour"], p["shape"]) for p in prompts} == set(shapes.HELD_OUT) and all(p["held_out"] for p in prompts)
+    assert Counter(p["size"] for p in prompts) == {None: 18, "small": 18, "large": 18}
+    assert "a large green circle on the left" in [p["prompt"] for p in prompts]
+    for p in prompts:
+        assert _said(p["prompt"]) == [(p["colour"], p["shape"], p["size"], p["position"])]
 
 
-def test_analyser_reads_back_the_datasets_own_attributes(single):
-    agreement = _agreement(list(single.images), single.attributes)
-    assert min(agreement.values()) >= 0.99, agreement
-
-
-@pytest.mark.parametrize("degrade", ["blur", "noise", "blur+noise", "low-res"])
-def test_analyser_survives_soft_edges_and_noise(single, degrade):
-    rng = np.random.default_rng(0)
-    out = []
-    for image in single.images[:300]:
-        pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-        if "blur" in degrade:
-            pil = pil.filter(ImageFilter.GaussianBlur(1.5))
-        if degrade == "low-res":   # what a blurry decoder does: detail below 4 px is gone
-            pil = pil.resize((16, 16), Image.BILINEAR).resize((64, 64), Image.BICUBIC)
-        a = np.asarray(pil).astype(np.float32)
-        if "noise" in degrade:
-            a = a + rng.normal(0, 10, a.shape)
-        out.append(np.clip(a, 0, 255).astype(np.uint8))
-    agreement = _agreement(out, single.attributes[:300])
-    assert min(agreement.values()) >= 0.99, agreement
-
-
-def test_analyser_accepts_pil_arrays_and_float_tensors():
-    s = shapes.sample(1, 0)
-    want = s.attributes["shapes"][0]
-    as_float = torch.from_numpy(s.image).permute(2, 0, 1).float() / 255
-    for image in (s.pil, s.image, as_float):
-        got = analyser.analyse(image)
-        assert (got["colour"], got["shape"], got["position"]) == (want["colour"], want["shape"], want["position"])
-
-
-def test_analyser_finds_nothing_on_a_plain_picture():
-    got = analyser.analyse(np.full((64, 64, 3), 200, np.uint8))
-    assert got == {"colour": None, "shape": None, "position": None, "size": None, "found": False}
-
-
-def test_analyser_finds_both_shapes_of_a_pair():
-    d = shapes.make_dataset(100, seed=8, two_shapes=1.0)
-    for image, attrs in zip(d.images, d.attributes):
-        found = analyser.analyse_objects(image)
-        assert len(found) == 2
-        got = {(o["colour"], o["shape"], o["position"]) for o in found}
-        assert got == {(s["colour"], s["shape"], s["position"]) for s in attrs["shapes"]}
-
-
-def test_score_alignment_counts_only_what_was_asked():
-    prompts = shapes.grammar_prompts()[:6]            # a red circle, (no position + 5 positions)
-    shapes_ = [{"colour": "red", "shape": "circle", "cx": 32, "cy": 32, "extent": 20}]
-    centred = shapes.draw(shapes_, "white")
-    scores = analyser.score_alignment([centred] * 6, prompts)
-    assert scores["colour"] == scores["shape"] == scores["found"] == 1.0
-    assert scores["position"] == pytest.approx(1 / 5)    # only "in the center" is right
-    wrong = shapes.draw([dict(shapes_[0], colour="blue", shape="square")], "white")
-    assert analyser.score_alignment([wrong], prompts[:1]) == {"colour": 0.0, "shape": 0.0,
-                                                           "position": pytest.approx(float("nan"), nan_ok=True),
-                                                           "found": 1.0}
+def test_pair_prompts_are_a_balanced_set_of_two_distinct_objects():
+    prompts = shapes.pair_prompts()
+    assert len(prompts) == 120 == len({p["prompt"] for p in prompts})
+    assert Counter(p["layout"] for p in prompts) == {("left", "right"): 60, ("top", "bottom"): 60}
+    mentioned_first = Counter(p["objects"][0]["position"] for p in prompts)
+    assert mentioned_first == {"left": 30, "right": 30, "top": 30, "bottom": 30}       # both orders
+    for p in prompts:
+        a, b = p["objects"]
+        assert a["colour"] != b["colour"] and a["shape"] != b["shape"]
+        assert {a["position"], b["position"]} == set(p["layout"])
+        assert p["held_out"] == (a["held_out"] or b["held_out"])
+        assert all(o["held_out"] == ((o["colour"], o["shape"]) in shapes.HELD_OUT) for o in p["objects"])
+        assert _said(p["prompt"]) == [(o["colour"], o["shape"], o["size"], o["position"]) for o in p["objects"]]
+    objects = [o for p in prompts for o in p["objects"]]
+    for side in ("left", "right", "top", "bottom"):          # every colour and shape, as often on each side
+        here = [o for o in objects if o["position"] == side]
+        assert set(Counter(o["colour"] for o in here).values()) == {10}
+        assert set(Counter(o["shape"] for o in here).values()) == {20}
+        assert Counter(o["size"] for o in here) == {None: 30, "small": 15, "large": 15}
+    assert 30 <= sum(p["held_out"] for p in prompts) <= 40
+    assert "a green circle on the right and a red square on the left" in [p["prompt"] for p in prompts]
 
 
 def test_image_grid_shows_each_image_with_its_caption():
@@ -178,28 +217,3 @@ def test_image_grid_shows_each_image_with_its_caption():
     assert shown[2].get_title().replace("\n", " ") == d.captions[2]
     with pytest.raises(ValueError, match="one caption per image"):
         viz.image_grid(list(d.images), d.captions[:2])
-
-
-class _DrawingPipeline:
-    """Stands in for a model: draws what each prompt asks (in another colour if told to)."""
-
-    def __init__(self, recolour=None):
-        self.recolour = recolour or {}
-
-    def generate(self, prompts, *, guidance, steps, sampler, seed, progress):
-        pixels = []
-        for text in prompts:
-            want = shapes.parse_caption(text)[0]
-            x, y = shapes.POSITIONS[want["position"] or "center"]
-            drawn = shapes.draw([{"colour": self.recolour.get(want["colour"], want["colour"]), "shape": want["shape"],
-                                  "cx": x * 64, "cy": y * 64, "extent": 20}], "white")
-            pixels.append(torch.from_numpy(drawn).permute(2, 0, 1).float() / 255)
-        return SimpleNamespace(pixels=torch.stack(pixels))
-
-
-def test_alignment_of_a_perfect_and_of_a_colour_blind_model():
-    scores, pixels = analyser.alignment(_DrawingPipeline())
-    assert pixels.shape == (108, 3, 64, 64)
-    assert scores == {"colour": 1.0, "shape": 1.0, "position": 1.0, "found": 1.0}
-    scores, _ = analyser.alignment(_DrawingPipeline(recolour={"orange": "yellow"}))
-    assert scores["colour"] == pytest.approx(5 / 6) and scores["shape"] == 1.0

@@ -116,7 +116,7 @@ def test_the_unet_stage_ends_with_an_evaluation_of_the_grammar_prompts(run):
     assert [r["step"] for r in evals] == [3]
     assert set(evals[0]["eval"]) == {"5.0", "1.0"}
     for scores in evals[0]["eval"].values():
-        assert set(scores) == {"colour", "shape", "position", "found"}
+        assert set(scores) == {"colour", "shape", "position", "found", "stray", "circle"}   # analyser.score_alignment's
         assert all(0 <= v <= 1 for v in scores.values())
     assert (run / "samples-3.png").stat().st_size > 10_000
 
