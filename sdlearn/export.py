@@ -40,13 +40,18 @@ def training_pipeline(text_encoder: nn.Module, unet: nn.Module, vae: nn.Module, 
 
 
 def evaluate_alignment(pipe: Pipeline, *, guidance: tuple[float, ...] = (5.0, 1.0), steps: int = 20, seed: int = 0,
-                       grid: str | Path | None = None) -> dict[str, dict[str, float]]:
-    """The 108 grammar prompts at each guidance scale, scored with the analyser:
-    {guidance: {"colour", "shape", "position", "found"}}. With `grid`, the first scale's
-    images are saved there as a picture with their prompts."""
+                       grid: str | Path | None = None, pairs: bool = True) -> dict[str, dict[str, float]]:
+    """The 108 one-object grammar prompts and (with `pairs`) the 120 two-object prompts at each
+    guidance scale, scored with the analyser: {guidance: {"colour", "shape", "position", "found",
+    "stray", "circle", "pair_both", "pair_colour", …}} (the pair scores of `analyser.score_pairs`,
+    prefixed "pair_"). With `grid`, the first scale's one-object images are saved there as a
+    picture with their prompts."""
     result = {}
     for i, g in enumerate(guidance):
         scores, pixels = analyser.alignment(pipe, guidance=g, steps=steps, seed=seed)
+        if pairs:
+            pair_scores, _ = analyser.pair_alignment(pipe, guidance=g, steps=steps, seed=seed)
+            scores.update({f"pair_{k}": v for k, v in pair_scores.items()})
         result[str(g)] = scores
         if grid is not None and i == 0:
             import matplotlib.pyplot as plt   # only when drawing, as in viz.py: pyplot picks a GUI backend on import

@@ -134,20 +134,31 @@ def draw(shapes: Sequence[dict[str, Any]], background: str | tuple[int, int, int
 
 # ----------------------------------------------------------------------------------- captions
 
-def phrase(s: dict[str, Any], *, with_size: bool, with_position: bool) -> str:
-    """'a large red circle on the left' — the grammar's noun phrase for one shape."""
+def article(word: str) -> str:
+    """"an" before a vowel ("an orange circle"), else "a"."""
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def phrase(s: dict[str, Any], *, with_size: bool, with_position: bool, with_colour: bool = True,
+           with_shape: bool = True) -> str:
+    """'a large red circle on the left' — the grammar's noun phrase for one shape ('a circle on
+    the left' without its colour, 'a red shape on the left' without its shape)."""
     words = [s["size"]] if with_size else []
-    words += [s["colour"], s["shape"]]
+    words += ([s["colour"]] if with_colour else []) + [s["shape"] if with_shape else "shape"]
     if with_position:
         words.append(POSITION_PHRASES[s["position"]])
-    return "a " + " ".join(words)
+    return article(words[0]) + " " + " ".join(words)
 
 
 def caption(shapes: Sequence[dict[str, Any]], rng: np.random.Generator) -> str:
     """A caption for one or two shapes, with the grammar's variations.
 
-    One shape (probabilities): 70 % the grammar with optional size (40 %) and position (75 %),
-    10 % "a picture of …", 10 % terse "red circle, left", 10 % bare "red circle".
+    One shape (probabilities): 60 % the grammar with optional size (40 %) and position (75 %),
+    10 % "a picture of …", 8 % terse "red circle, left", 7 % bare "red circle", and 15 % that leave
+    one attribute out: 8 % no colour ("a circle on the left"), 7 % no shape ("a red shape on the
+    left"). Those teach the model to read what the caption does not say from the noisy picture
+    itself, so that at low noise it keeps what the picture shows (image-to-image at a low strength
+    changes little) instead of redrawing it from the text alone.
     Two shapes: either one first (50 %), each with its position (without, the caption would not
     say which is which) and an optional size (40 % each); 10 % start "a picture of …".
     """
@@ -157,12 +168,15 @@ def caption(shapes: Sequence[dict[str, Any]], rng: np.random.Generator) -> str:
         return "a picture of " + text if rng.random() < 0.1 else text
     s = shapes[0]
     style = rng.random()
-    if style < 0.8:
+    if style < 0.7:
         text = phrase(s, with_size=rng.random() < 0.4, with_position=rng.random() < 0.75)
-        return "a picture of " + text if style >= 0.7 else text
-    if style < 0.9:
+        return "a picture of " + text if style >= 0.6 else text
+    if style < 0.78:
         return f"{s['colour']} {s['shape']}, {s['position']}"
-    return f"{s['colour']} {s['shape']}"
+    if style < 0.85:
+        return f"{s['colour']} {s['shape']}"
+    return phrase(s, with_size=rng.random() < 0.4, with_position=rng.random() < 0.75,
+                  with_colour=style >= 0.93, with_shape=style < 0.93)
 
 
 _WORD = {w: ("colour", w) for w in COLOURS} | {w: ("shape", w) for w in SHAPES} \
@@ -250,16 +264,17 @@ def sample(seed: int, index: int = 0, *, two_shapes: float = 0.0,
 
 _C, _S = "{" + "|".join(COLOURS) + "}", "{" + "|".join(SHAPES) + "}"
 GRAMMAR = (
-    f"a [small|large] {_C} {_S} [" + "|".join(POSITION_PHRASES.values()) + "]",
+    f"a|an [small|large] {_C} {_S} [" + "|".join(POSITION_PHRASES.values()) + "]",
     "a picture of <the above>",
     f"{_C} {_S}[, " + "{" + "|".join(POSITIONS) + "}]",
-    "<a [size] shape on the left> and <a [size] shape on the right>   (either first; or at the top and at the bottom)",
+    f"a [small|large] {_S} [position]        a|an [small|large] {_C} shape [position]   (colour or shape left out)",
+    "<an object on the left> and <an object on the right>   (either first; or at the top and at the bottom)",
 )
 
 
 def vocabulary() -> list[str]:
     """Every word a caption can hold (what the tiny model has seen), sorted."""
-    words = {"a", "picture", "of", "and", *COLOURS, *SHAPES, *SIZES, *POSITIONS}
+    words = {"a", "an", "picture", "of", "and", "shape", *COLOURS, *SHAPES, *SIZES, *POSITIONS}
     for text in POSITION_PHRASES.values():
         words.update(text.split())
     return sorted(words)
@@ -311,7 +326,8 @@ def is_held_out(colour: str, shape: str) -> bool:
 
 
 def _one(colour: str, shape: str, position: str | None, size: str | None = None) -> dict[str, Any]:
-    words = [w for w in ("a", size, colour, shape, position and POSITION_PHRASES[position]) if w]
+    words = [w for w in (size, colour, shape, position and POSITION_PHRASES[position]) if w]
+    words = [article(words[0])] + words
     return {"prompt": " ".join(words), "colour": colour, "shape": shape, "size": size, "position": position,
             "held_out": is_held_out(colour, shape)}
 

@@ -57,6 +57,7 @@ from .configs import ModelConfig
 from .distributed import Dist, init_distributed, step_generator
 from .export import evaluate_alignment, export, training_pipeline
 from .runlog import TINY_HISTORY, append_log, write_training_history
+from .preview import LatentPreview
 from .schedule import NoiseSchedule
 from .tokenizer import default_tokenizer
 from .unet import UNet
@@ -78,7 +79,7 @@ class Settings:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     images: int = 20_000             # dataset size
-    two_shapes: float = 0.1          # share of pictures with two shapes
+    two_shapes: float = 0.4          # share of pictures with two shapes
     seed: int = 0
     checkpoint_every: int = 250
     log_every: int = 10
@@ -86,12 +87,13 @@ class Settings:
     kl_weight: float = 1e-4
     l2_weight: float = 1.0
     edge_weight: float = 0.5
+    preview_weight: float = 1.0      # keeps each patch's colour linearly in its latent pixel
     # stage unet
     caption_dropout: float = 0.1     # P(caption → ""), which teaches the unconditional ε for CFG
     captions_per_image: int = 4      # the dataset's caption plus re-worded variants
     eval_every: int = 0              # 0: evaluate only at the end
     eval_steps: int = 20             # sampler steps per evaluation image; 0: no evaluation
-    eval_guidance: float = 5.0
+    eval_guidance: float = 7.5         # the default guidance of generate
 
 
 STAGE_DEFAULTS = {
@@ -245,17 +247,21 @@ def _to_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------- stage 1: VAE
 
 class Reconstruction(nn.Module):
-    """x → (x̂, KL per image) with z = μ + σ·ε for a given ε: the VAE's training forward pass.
-    (B, 3, H, W), (B, 4, h, w) → (B, 3, H, W), (B,)."""
+    """x → (x̂, KL per image, preview) with z = μ + σ·ε for a given ε: the VAE's training forward
+    pass. `preview` is a 1×1 linear map of z to RGB, trained to give each latent pixel's patch
+    colour (the preview term of `vae_loss`); it keeps the colour of a patch in the latent, linearly,
+    which makes previews of intermediate latents meaningful. (B, 3, H, W), (B, 4, h, w) →
+    (B, 3, H, W), (B,), (B, 3, h, w)."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
+        self.preview = nn.Conv2d(vae.config.latent_channels, 3, 1)
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         posterior = self.vae.encode(x)
         z = posterior.mean + posterior.std * eps
-        return self.vae.decode(z), posterior.kl()
+        return self.vae.decode(z), posterior.kl(), self.preview(z)
 
 
 def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,20 +269,28 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, kl: torch.Tensor, latent_numel: int,
-             s: Settings) -> tuple[torch.Tensor, dict[str, float]]:
-    """The VAE's loss: reconstruction, edges, and a small KL towards N(0, I).
+             s: Settings, preview: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The VAE's loss: reconstruction, edges, a small KL towards N(0, I), and the preview term.
 
         L_vae = |x − x̂|₁ + λ₂ ‖x − x̂‖² + λ_edge |∇x − ∇x̂|₁ + λ_KL · KL(N(μ, σ²) ‖ N(0, I)) / dim z
+                + λ_preview ‖P z − pool_f(x)‖²
 
     Every term a mean per element; ∇ the differences between vertical neighbours and between
-    horizontal ones (a mean each, summed); `kl` (B,) is summed over each latent, hence / dim z.
-    x̂, x (B, 3, H, W), kl (B,) → (loss, {"l1", "l2", "edge", "kl"})."""
+    horizontal ones (a mean each, summed); `kl` (B,) is summed over each latent, hence / dim z;
+    P z (`preview`, (B, 3, h, w)) a linear map of each latent pixel, pool_f(x) the mean colour of
+    its f×f patch. x̂, x (B, 3, H, W), kl (B,) → (loss, {"l1", "l2", "edge", "kl", "preview"})."""
     l1 = (x_hat - x).abs().mean()
     l2 = (x_hat - x).square().mean()
     edge = sum((a - b).abs().mean() for a, b in zip(_edges(x_hat), _edges(x)))
     kl = kl.mean() / latent_numel
     loss = l1 + s.l2_weight * l2 + s.edge_weight * edge + s.kl_weight * kl
-    return loss, {"l1": l1.item(), "l2": l2.item(), "edge": edge.item(), "kl": kl.item()}
+    parts = {"l1": l1.item(), "l2": l2.item(), "edge": edge.item(), "kl": kl.item()}
+    if preview is not None:
+        target = F.avg_pool2d(x, x.shape[-1] // preview.shape[-1])
+        parts["preview"] = (preview - target).square().mean()
+        loss = loss + s.preview_weight * parts["preview"]
+        parts["preview"] = parts["preview"].item()
+    return loss, parts
 
 
 def train_vae(out: str | Path, *, config: ModelConfig | str = "tiny", resume: bool = False,
@@ -306,8 +320,8 @@ def train_vae(out: str | Path, *, config: ModelConfig | str = "tiny", resume: bo
         idx = torch.randint(len(images), (s.batch,), generator=g)[part].to(dist.device)
         eps = torch.randn((s.batch, *latent_shape), generator=g)[part].to(dist.device)
         x = _to_pixels(images[idx])
-        x_hat, kl = net(x, eps)
-        return vae_loss(x_hat, x, kl, math.prod(latent_shape), s)
+        x_hat, kl, preview = net(x, eps)
+        return vae_loss(x_hat, x, kl, math.prod(latent_shape), s, preview)
 
     model = Reconstruction(vae)
     fit = _fit("vae", model, loss_fn, s, dist, out, config, resume)
@@ -340,17 +354,20 @@ def encode_dataset(vae: nn.Module, images: torch.Tensor, device: torch.device,
 def measure_vae(vae: nn.Module, images: torch.Tensor, s: Settings, device: torch.device) -> dict[str, Any]:
     """Encode every training image; the latent scale is 1/std of z = μ + σ·ε over all of them.
 
-    On up to 512 fresh single-shape pictures the VAE never saw: the reconstruction error (from μ)
-    and how often the analyser still reads the right colour, shape and position from the
-    reconstruction, the ceiling of what the diffusion model can reach through this decoder."""
+    On up to 512 fresh single-shape pictures the VAE never saw: the reconstruction error (from μ),
+    how often the analyser still reads the right colour, shape and position from the
+    reconstruction (the ceiling of what the diffusion model can reach through this decoder), and
+    the error of a linear latent preview fitted on them."""
     mean, std = encode_dataset(vae, images, device)
     g = torch.Generator().manual_seed(s.seed)
     z = mean + std * torch.randn(mean.shape, generator=g)
-    held_out = shapes.make_dataset(min(512, s.images), s.seed + 1, two_shapes=0.0)
-    x = _to_pixels(held_out.images.to(device))
+    unseen = shapes.make_dataset(min(512, s.images), s.seed + 1, two_shapes=0.0)
+    x = _to_pixels(unseen.images.to(device))
     x_hat = torch.cat([vae.decode(vae.encode(x[i:i + 128]).mean) for i in range(0, len(x), 128)])
-    read = analyser.score_alignment(list((x_hat.clamp(-1, 1) + 1) / 2), [a["shapes"][0] for a in held_out.attributes])
+    read = analyser.score_alignment(list((x_hat.clamp(-1, 1) + 1) / 2), [a["shapes"][0] for a in unseen.attributes])
+    preview = LatentPreview.fit(vae, x[:256])              # how well a linear map previews the latents
     return {"l1": (x_hat - x).abs().mean().item(), **{f"recon_{k}": v for k, v in read.items()},
+            "preview_rmse": preview.rmse,
             "latent_mean": z.mean().item(), "latent_std": z.std().item(), "posterior_std": std.mean().item(),
             "scaling_factor": 1.0 / z.std().item(), "_mean": mean, "_std": std}
 
@@ -490,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
             if stage == "vae" and f.name in ("caption_dropout", "captions_per_image", "eval_every", "eval_steps",
                                              "eval_guidance"):
                 continue
-            if stage == "unet" and f.name in ("kl_weight", "l2_weight", "edge_weight"):
+            if stage == "unet" and f.name in ("kl_weight", "l2_weight", "edge_weight", "preview_weight"):
                 continue
             default = STAGE_DEFAULTS[stage].get(f.name, getattr(defaults, f.name))
             q.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=None,

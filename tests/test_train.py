@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdlearn import export, runlog, shapes, train
+from sdlearn import analyser, export, runlog, shapes, train
 from sdlearn.configs import ModelConfig
 from sdlearn.safetensors_file import SafetensorsFile, read_safetensors_header
 
@@ -114,10 +114,11 @@ def test_export_falls_back_to_float16_and_refuses_what_does_not_fit(run, tmp_pat
 def test_the_unet_stage_ends_with_an_evaluation_of_the_grammar_prompts(run):
     evals = [r for r in runlog.read_log(run) if "eval" in r]
     assert [r["step"] for r in evals] == [3]
-    assert set(evals[0]["eval"]) == {"5.0", "1.0"}
+    assert set(evals[0]["eval"]) == {"7.5", "1.0"}
     for scores in evals[0]["eval"].values():
-        assert set(scores) == {"colour", "shape", "position", "found", "stray", "circle"}   # analyser.score_alignment's
-        assert all(0 <= v <= 1 for v in scores.values())
+        one = {"colour", "shape", "position", "found", "stray", "circle"}          # analyser.score_alignment's
+        assert set(scores) == one | {f"pair_{k}" for k in analyser.PAIR_SCORES}   # and score_pairs'
+        assert all(0 <= v <= 1 for v in scores.values() if v == v)                  # (NaN: nothing to count)
     assert (run / "samples-3.png").stat().st_size > 10_000
 
 
