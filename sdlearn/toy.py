@@ -19,6 +19,19 @@ follows from Tweedie's formula (Song et al. 2021, "score-based generative modell
 
 A sampler driven by `IdealDenoiser` therefore shows the sampler's own error and nothing else:
 no network, no training.
+
+Classes make guidance exact too. Give each component a label c; the data of class c is the
+sub-mixture of its components, p_0(x | c). By Bayes, p(x | c) = p(x) p(c | x) / p(c), so
+
+    ∇ log p_t(x | c) = ∇ log p_t(x) + ∇ log p_t(c | x)
+
+and classifier-free guidance with scale g follows the score
+
+    ∇ log p_t(x) + g ∇ log p_t(c | x)   ⇔   ε̂ = ε_u + g (ε_c − ε_u)
+
+g = 0: unconditional; g = 1: exactly the class; g > 1: the class's probability raised to the
+power g — samples pushed away from the other classes, off the class's own blobs.
+`IdealDenoiser(mixture, label=c, guidance=g)` computes that guided ε̂ in closed form.
 """
 from __future__ import annotations
 
@@ -32,10 +45,12 @@ from .schedule import NoiseSchedule
 
 @dataclass(frozen=True)
 class GaussianMixture:
-    """Σ_k π_k N(μ_k, s_k² I): means (K, D), stds (K,), weights (K,) summing to 1."""
+    """Σ_k π_k N(μ_k, s_k² I): means (K, D), stds (K,), weights (K,) summing to 1; optional
+    integer class labels (K,) of the components."""
     means: torch.Tensor
     stds: torch.Tensor
     weights: torch.Tensor
+    labels: torch.Tensor | None = None
 
     def __post_init__(self):
         k = self.means.shape[0]
@@ -46,11 +61,31 @@ class GaussianMixture:
             raise ValueError(f"weights must sum to 1; they sum to {self.weights.sum().item()}")
 
     @classmethod
-    def ring(cls, k: int = 6, radius: float = 1.6, std: float = 0.15) -> "GaussianMixture":
-        """k equal blobs evenly spaced on a circle: a 2-D picture with clear modes."""
+    def ring(cls, k: int = 6, radius: float = 1.6, std: float = 0.15, classes: int = 0) -> "GaussianMixture":
+        """k equal blobs evenly spaced on a circle: a 2-D picture with clear modes. `classes` > 0
+        labels them in turn 0, 1, …, classes − 1 around the circle."""
         angle = torch.arange(k, dtype=torch.float64) * (2 * math.pi / k)
         means = radius * torch.stack([angle.cos(), angle.sin()], dim=1)
-        return cls(means.float(), torch.full((k,), std), torch.full((k,), 1.0 / k))
+        labels = torch.arange(k) % classes if classes else None
+        return cls(means.float(), torch.full((k,), std), torch.full((k,), 1.0 / k), labels)
+
+    def given(self, label: int) -> "GaussianMixture":
+        """p_0(x | c): the components of class `label`, their weights renormalised."""
+        if self.labels is None:
+            raise ValueError("this mixture has no class labels; build it with labels (e.g. ring(classes=2))")
+        keep = self.labels == label
+        if not keep.any():
+            raise ValueError(f"no component has label {label}; labels are {sorted(set(self.labels.tolist()))}")
+        w = self.weights[keep]
+        return GaussianMixture(self.means[keep], self.stds[keep], w / w.sum(), self.labels[keep])
+
+    def class_probs(self, x: torch.Tensor, alpha_bar: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """p_t(c | x) for points x (n, D) → (n, C): the responsibilities summed per class."""
+        if self.labels is None:
+            raise ValueError("this mixture has no class labels")
+        log_joint, _, _ = self._components(x, alpha_bar)
+        r = torch.softmax(log_joint, dim=1)
+        return torch.zeros(len(x), int(self.labels.max()) + 1, dtype=x.dtype).index_add_(1, self.labels, r)
 
     @property
     def dim(self) -> int:
@@ -102,12 +137,21 @@ class IdealDenoiser:
     """The exact ε-predictor for a GaussianMixture, called like the UNet: `model(x_t, t)`.
 
     x_t (n, D) is the ordinary (variance-preserving) noisy sample, which is what every sampler
-    hands the model after `scale_input`.
+    hands the model after `scale_input`. With `label`, classifier-free guidance towards that class:
+    ε̂ = ε_u + g (ε_c − ε_u), ε_u of the whole mixture and ε_c of the class's sub-mixture.
     """
 
-    def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule | None = None):
+    def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule | None = None, *,
+                 label: int | None = None, guidance: float = 1.0):
         self.mixture = mixture
         self.schedule = schedule if schedule is not None else NoiseSchedule.scaled_linear()
+        self.conditional = mixture.given(label) if label is not None else None
+        self.guidance = guidance
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
-        return self.mixture.eps(x, alpha_bar_at(self.schedule, t).to(x.dtype))
+        alpha_bar = alpha_bar_at(self.schedule, t).to(x.dtype)
+        eps_uncond = self.mixture.eps(x, alpha_bar)
+        if self.conditional is None:
+            return eps_uncond
+        eps_cond = self.conditional.eps(x, alpha_bar)
+        return eps_uncond + self.guidance * (eps_cond - eps_uncond)

@@ -88,6 +88,7 @@ class Settings:
     l2_weight: float = 1.0
     edge_weight: float = 0.5
     preview_weight: float = 1.0      # keeps each patch's colour linearly in its latent pixel
+    peak_weight: float = 0.0         # on the worst pixels of each picture: against specks
     # stage unet
     caption_dropout: float = 0.1     # P(caption → ""), which teaches the unconditional ε for CFG
     captions_per_image: int = 4      # the dataset's caption plus re-worded variants
@@ -268,23 +269,32 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
 
 
+PEAK_PIXELS = 16    # the worst pixels per picture that the peak term of vae_loss averages
+
+
 def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, kl: torch.Tensor, latent_numel: int,
              s: Settings, preview: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The VAE's loss: reconstruction, edges, a small KL towards N(0, I), and the preview term.
 
         L_vae = |x − x̂|₁ + λ₂ ‖x − x̂‖² + λ_edge |∇x − ∇x̂|₁ + λ_KL · KL(N(μ, σ²) ‖ N(0, I)) / dim z
-                + λ_preview ‖P z − pool_f(x)‖²
+                + λ_preview ‖P z − pool_f(x)‖² + λ_peak · mean of the k = 16 largest |x − x̂| per image
 
     Every term a mean per element; ∇ the differences between vertical neighbours and between
     horizontal ones (a mean each, summed); `kl` (B,) is summed over each latent, hence / dim z;
     P z (`preview`, (B, 3, h, w)) a linear map of each latent pixel, pool_f(x) the mean colour of
-    its f×f patch. x̂, x (B, 3, H, W), kl (B,) → (loss, {"l1", "l2", "edge", "kl", "preview"})."""
+    its f×f patch. The peak term (pixel errors summed over the colour channels) punishes what a
+    mean hardly sees: a decoder that paints a few wrong pixels, a speck or a dot, into otherwise
+    good pictures. x̂, x (B, 3, H, W), kl (B,) → (loss, {"l1", "l2", "edge", "kl", "preview", "peak"})."""
     l1 = (x_hat - x).abs().mean()
     l2 = (x_hat - x).square().mean()
     edge = sum((a - b).abs().mean() for a, b in zip(_edges(x_hat), _edges(x)))
     kl = kl.mean() / latent_numel
     loss = l1 + s.l2_weight * l2 + s.edge_weight * edge + s.kl_weight * kl
     parts = {"l1": l1.item(), "l2": l2.item(), "edge": edge.item(), "kl": kl.item()}
+    if s.peak_weight:
+        peak = (x_hat - x).abs().sum(1).flatten(1).topk(PEAK_PIXELS, dim=1).values.mean()
+        loss = loss + s.peak_weight * peak
+        parts["peak"] = peak.item()
     if preview is not None:
         target = F.avg_pool2d(x, x.shape[-1] // preview.shape[-1])
         parts["preview"] = (preview - target).square().mean()
@@ -507,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
             if stage == "vae" and f.name in ("caption_dropout", "captions_per_image", "eval_every", "eval_steps",
                                              "eval_guidance"):
                 continue
-            if stage == "unet" and f.name in ("kl_weight", "l2_weight", "edge_weight", "preview_weight"):
+            if stage == "unet" and f.name in ("kl_weight", "l2_weight", "edge_weight", "preview_weight", "peak_weight"):
                 continue
             default = STAGE_DEFAULTS[stage].get(f.name, getattr(defaults, f.name))
             q.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=None,

@@ -77,3 +77,39 @@ def test_plot_trajectories_draws_paths_and_end_points():
     assert [ax.get_title() for ax in axes] == ["a", "b"]
     assert len(axes[0].lines) == 5 and len(axes[0].lines[0].get_xdata()) == 11
     assert axes[1].collections[-1].get_offsets().shape == (50, 2)
+
+
+def test_bayes_splits_the_conditional_score_into_unconditional_plus_classifier():
+    """∇ log p_t(x | c) = ∇ log p_t(x) + ∇ log p_t(c | x), the identity classifier-free guidance rests on."""
+    mix = GaussianMixture.ring(classes=2)
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1.5
+    mix64 = GaussianMixture(mix.means.double(), mix.stds.double(), mix.weights.double(), mix.labels)
+    for alpha_bar in (0.9, 0.3, 0.02):
+        xg = x.clone().requires_grad_(True)
+        log_classifier = mix64.class_probs(xg, alpha_bar)[:, 1].log().sum()
+        (grad_classifier,) = torch.autograd.grad(log_classifier, xg)
+        left = mix64.given(1).score(x, alpha_bar)
+        torch.testing.assert_close(left, mix64.score(x, alpha_bar) + grad_classifier)
+
+
+def test_guidance_1_is_the_class_and_more_pushes_away_from_the_others():
+    from sdlearn.toy import IdealDenoiser
+    mix = GaussianMixture.ring(classes=2)
+    x = torch.randn(20, 2, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(IdealDenoiser(mix, label=0, guidance=1.0)(x, 500), IdealDenoiser(mix.given(0))(x, 500))
+    torch.testing.assert_close(IdealDenoiser(mix, label=0, guidance=0.0)(x, 500), IdealDenoiser(mix)(x, 500))
+
+    def draw(guidance):
+        sampler = get_sampler("ddim")
+        sampler.set_timesteps(50)
+        noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
+        return sample_loop(sampler, IdealDenoiser(mix, label=0, guidance=guidance), noise, sampler.timesteps).x
+
+    exact, strong = draw(1.0), draw(5.0)
+    assert (mix.class_probs(exact)[:, 0] > 0.5).float().mean() > 0.97      # g = 1: class 0's blobs
+    nearest = torch.cdist(exact, mix.means).argmin(1)
+    assert set(nearest.unique().tolist()) == {0, 2, 4}                      # all of them, not one
+    radius = lambda x: x.norm(dim=1).mean()
+    assert radius(strong) > radius(exact) + 0.1                              # g = 5: pushed past the blobs
+    with pytest.raises(ValueError, match="no class labels"):
+        GaussianMixture.ring().given(0)

@@ -52,6 +52,30 @@ def test_vae_loss_is_l1_plus_weighted_l2_edges_and_kl_per_latent_dimension():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_vae_loss_peak_and_preview_terms():
+    """The peak term: per picture, the mean of the PEAK_PIXELS largest pixel errors (|x − x̂| summed
+    over channels), averaged over pictures; the preview term: the squared error between the
+    preview head's colours and each latent pixel's patch mean."""
+    g = torch.Generator().manual_seed(0)
+    x, x_hat = torch.rand(2, 3, 8, 8, generator=g), torch.rand(2, 3, 8, 8, generator=g)
+    x_hat[0, :, 5, 6] += 4.0                                    # one speck in the first picture
+    preview = torch.rand(2, 3, 2, 2, generator=g)
+    s = train.Settings(peak_weight=0.5, preview_weight=2.0)
+    loss, parts = train.vae_loss(x_hat, x, torch.zeros(2), 4, s, preview)
+    peaks = []
+    for b in range(2):
+        errors = sorted((sum(abs(x_hat[b, c, i, j].item() - x[b, c, i, j].item()) for c in range(3))
+                         for i in range(8) for j in range(8)), reverse=True)
+        peaks.append(sum(errors[:train.PEAK_PIXELS]) / train.PEAK_PIXELS)
+    patch_errors = [(preview[b, c, i, j].item() - x[b, c, 4 * i:4 * i + 4, 4 * j:4 * j + 4].mean().item()) ** 2
+                    for b in range(2) for c in range(3) for i in range(2) for j in range(2)]
+    assert parts["peak"] == pytest.approx(sum(peaks) / 2, rel=1e-5)
+    assert parts["preview"] == pytest.approx(sum(patch_errors) / len(patch_errors), rel=1e-5)
+    rest = parts["l1"] + parts["l2"] + 0.5 * parts["edge"]      # default λ₂ = 1, λ_edge = 0.5, KL 0 here
+    assert loss.item() == pytest.approx(rest + 0.5 * parts["peak"] + 2.0 * parts["preview"], rel=1e-5)
+    assert "peak" not in train.vae_loss(x_hat, x, torch.zeros(2), 4, train.Settings())[1]   # off by default
+
+
 def test_noise_prediction_loss_is_the_mse_between_the_noise_and_its_prediction_from_the_noised_latent():
     z0 = [[[[1.0, -2.0]]], [[[0.5, 3.0]]]]                     # (2, 1, 1, 2)
     noise = [[[[0.3, -0.7]]], [[[1.5, 0.0]]]]
