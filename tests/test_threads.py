@@ -124,7 +124,7 @@ def test_the_automatic_choice_gives_the_bits_of_one_thread(pipe):
 def test_under_load_bench_runs_and_keeps_the_tiny_model_within_3x(capsys):
     import under_load
 
-    report = under_load.main(["--rounds", "2", "--steps", "2"])
+    report = under_load.main(["--rounds", "2", "--steps", "1"])
     ours, old = report.settings
     assert (ours.name, ours.threads, old.name, old.threads) == ("sdlearn", 1, "torch", device.TORCH_THREADS)
     for s in report.settings:
