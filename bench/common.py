@@ -15,11 +15,14 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from sdlearn.device import ENV_THREADS
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))      # the reference-model helpers live with the tests
@@ -42,6 +45,29 @@ def alternate(runs: dict[str, Callable[[], object]], repeats: int, label: str = 
             print(f"  {label} round {r + 1}/{repeats}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()),
                   file=sys.stderr, flush=True)
     return times
+
+
+@contextmanager
+def environment(name: str, value: str | None):
+    """os.environ[name] = value (None: unset) inside the block, as it was afterwards."""
+    before = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+        if before is not None:
+            os.environ[name] = before
+
+
+def on_torch_threads(run: Callable[[], object]) -> Callable[[], object]:
+    """`run` with sdlearn's `generate` on torch's current thread count, as the reference runs
+    ($SDLEARN_THREADS set to it): left to itself, sdlearn puts a tiny model on one thread."""
+    def pinned():
+        with environment(ENV_THREADS, str(torch.get_num_threads())):
+            return run()
+    return pinned
 
 
 def spread(xs: list[float], fmt: str) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, diffusers_twin, machine, spread  # noqa: E402
+from common import alternate, diffusers_twin, machine, on_torch_threads, spread  # noqa: E402
 
 from sdlearn.configs import ModelConfig  # noqa: E402
 from sdlearn.pipeline import Pipeline  # noqa: E402
@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> str:
 
     def image(pipe, lib):
         if lib == "sdlearn":
-            return lambda: pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=steps, sampler="ddim", latents=noise,
-                                         progress=False).pixels
+            return on_torch_threads(lambda: pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=steps, sampler="ddim",
+                                                          latents=noise, progress=False).pixels)
         return lambda: pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, latents=noise,
                             height=pixels, width=pixels, output_type="pt").images.float().cpu()
 

@@ -22,7 +22,6 @@ sdlearn / diffusers ratios; the last column checks that the outputs agree.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, Table, alternate, diffusers_twin, machine, rel_err  # noqa: E402
+from common import Row, Table, alternate, diffusers_twin, machine, on_torch_threads, rel_err  # noqa: E402
 
 import load_memory  # noqa: E402
 import sdlearn  # noqa: E402
@@ -42,12 +41,14 @@ REPEATS = {"unet": (7, 3), "vae": (5, 2), "text": (10, 5), "image": (3, 1), "loa
 
 
 def image_runs(ours, ref, size: int, steps: int, seed: int = 0):
-    """generate / StableDiffusionPipeline from the same unit noise; both return pixels in [0, 1]."""
+    """generate / StableDiffusionPipeline from the same unit noise, on the same threads; both return
+    pixels in [0, 1]."""
     f = ours.latent_factor
     noise = torch.randn(1, 4, size // f, size // f, generator=torch.Generator().manual_seed(seed))
     return {
-        "sdlearn": lambda: ours.generate(PROMPT, negative_prompt=NEGATIVE, steps=steps, sampler="ddim", guidance=7.5,
-                                         latents=noise, height=size, width=size, progress=False).pixels,
+        "sdlearn": on_torch_threads(lambda: ours.generate(PROMPT, negative_prompt=NEGATIVE, steps=steps, sampler="ddim",
+                                                          guidance=7.5, latents=noise, height=size, width=size,
+                                                          progress=False).pixels),
         "diffusers": lambda: ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5,
                                  latents=noise, height=size, width=size, output_type="pt").images,
     }

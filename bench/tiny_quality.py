@@ -21,13 +21,19 @@ from __future__ import annotations
 import argparse
 import inspect
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from sdlearn import analyser, shapes
-from sdlearn.pipeline import load_pipeline
-from sdlearn.sources import TINY_PATH
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment  # noqa: E402
+
+from sdlearn import analyser, shapes  # noqa: E402
+from sdlearn.device import ENV_THREADS  # noqa: E402
+from sdlearn.pipeline import load_pipeline  # noqa: E402
+from sdlearn.sources import TINY_PATH  # noqa: E402
 
 TARGETS = {"colour": 0.95, "shape": 0.85, "position": 0.85}    # issue 8, at the default guidance
 SECONDS_TARGET = 1.0                                           # one 64×64 image on the 2-core CPU
@@ -59,21 +65,17 @@ def misses(pixels: torch.Tensor) -> list[str]:
 
 
 def time_one_image(pipe, threads: list[int], repeats: int) -> dict[int, list[float]]:
-    """Seconds per 64×64 image with the defaults, for each thread count."""
+    """Seconds per 64×64 image with the defaults, for each thread count ($SDLEARN_THREADS)."""
     times: dict[int, list[float]] = {n: [] for n in threads}
-    before = torch.get_num_threads()
-    try:
-        for n in threads:                           # warm-up
-            torch.set_num_threads(n)
+    for n in threads:                               # warm-up
+        with environment(ENV_THREADS, str(n)):
             pipe.generate("a red circle on the left", seed=0, progress=False)
-        for i in range(repeats):
-            for n in threads:
-                torch.set_num_threads(n)
+    for i in range(repeats):
+        for n in threads:
+            with environment(ENV_THREADS, str(n)):
                 t0 = time.perf_counter()
                 pipe.generate("a red circle on the left", seed=i, progress=False)
                 times[n].append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(before)
     return times
 
 
@@ -91,7 +93,7 @@ def main() -> None:
     h, w = pipe.native_size
     print(f"{TINY_PATH.name} ({TINY_PATH.stat().st_size / 1e6:.1f} MB): {pipe!r}; {h}×{w}, "
           f"{pipe.default_sampler} {pipe.default_steps} steps, seed {args.seed}, "
-          f"{torch.get_num_threads()} threads for the sweep, torch {torch.__version__}", flush=True)
+          f"{pipe.cpu_threads} thread(s) for the sweep (sdlearn's choice), torch {torch.__version__}", flush=True)
 
     pipe.generate(["a red circle"] * 8, seed=0, progress=False)     # warm-up: first-call costs stay out of the table
     rows = sweep(pipe, guidances, args.seed)

@@ -1,7 +1,9 @@
-"""Where the model runs and in which precision.
+"""Where the model runs, in which precision, and on how many CPU threads.
 
-    device: $SDLEARN_DEVICE if set, else cuda, else mps (Apple), else cpu
-    dtype:  float16 on cuda (half the memory, tensor cores), float32 elsewhere
+    device:  $SDLEARN_DEVICE if set, else cuda, else mps (Apple), else cpu
+    dtype:   float16 on cuda (half the memory, tensor cores), float32 elsewhere
+    threads: $SDLEARN_THREADS if set, else the count the user chose, else one thread for a model
+             too small to gain from more (`choose_threads`), else torch's default (all cores)
 
 CPUs have no fast float16 matrix kernels and MPS float16 is still patchy, so both stay in float32.
 """
@@ -9,11 +11,13 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 ENV_DEVICE = "SDLEARN_DEVICE"
+ENV_THREADS = "SDLEARN_THREADS"
 
 
 def default_device() -> torch.device:
@@ -73,6 +77,73 @@ def randn(shape, generator: torch.Generator | None = None, *, dtype: torch.dtype
 def random_seed() -> int:
     """A seed for a run that was given none (drawn from torch's global generator)."""
     return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+# torch's thread count when sdlearn was imported: its default (physical cores, or $OMP_NUM_THREADS),
+# unless the user set another before importing sdlearn. A different count later means they chose it.
+TORCH_THREADS = torch.get_num_threads()
+
+# The work per UNet call (FLOPs of one guided call, batch 2, at the model's native size:
+# unet.flops_per_call) from which `generate` keeps all of torch's threads; below it, one thread.
+# Two threads gain on a quiet CPU at every size, but they meet at a barrier after every operation,
+# and when another process holds one thread's core the other waits for it, operation after
+# operation. The rule (issue 14): a count is fit when one busy process beside it keeps the time
+# within 3× of the quiet time. Medians on the project's 2-core AMD EPYC, torch 2.13:
+#
+#     work per call               2 threads: quiet → 1 busy process      1 thread: quiet → busy
+#     tiny model, 0.44 GFLOP      169 ms → 514 ms (3.0×; 8.3× beside     202 ms → 200 ms (1.0×;
+#       (a whole 64×64 image)       two, single images up to 11 s)         1.7× beside two)
+#     SD UNet at 8×8, 27 GFLOP    190 ms → 2.7 s (14×)                   320 ms → 339 ms
+#     SD v1.5, 1,607 GFLOP        4.9 s → 13.9 s (2.8×)                  8.7 s → 8.7 s
+#
+# One thread barely notices a busy neighbour (the other core is free) and costs the tiny model
+# 1.2× when the machine is quiet; at SD v1.5's size two threads are 1.8× faster quiet and stay
+# within the bound. bench/under_load.py measures the tiny model's row.
+PARALLEL_FLOPS = 1e12
+
+
+def choose_threads(flops_per_call: float | None) -> int:
+    """How many CPU threads to run a model that does `flops_per_call` per UNet call on
+    (None: not on the CPU). In order:
+
+        $SDLEARN_THREADS      if set (a positive integer): the user's word for sdlearn
+        the current count     if the user chose it: $OMP_NUM_THREADS or $MKL_NUM_THREADS set, or
+                              torch.set_num_threads called since sdlearn was imported
+        1                     below PARALLEL_FLOPS: small operations, whose threads meet at a
+                              barrier after every one, and stall whenever another process takes
+                              one thread's core
+        torch's default       otherwise: large operations gain from every core
+    """
+    requested = os.environ.get(ENV_THREADS, "").strip()
+    if requested:
+        if not requested.isdigit() or int(requested) < 1:
+            raise ValueError(f"${ENV_THREADS}={requested!r}: expected a positive number of CPU threads such as 1 "
+                             "or 2; unset it to let sdlearn choose")
+        return int(requested)
+    current = torch.get_num_threads()
+    chosen = current != TORCH_THREADS or any(os.environ.get(v, "").strip() for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
+    if chosen or flops_per_call is None:
+        return current
+    return 1 if flops_per_call < PARALLEL_FLOPS else current
+
+
+@contextmanager
+def using_threads(n: int):
+    """torch.set_num_threads(n) inside the block, and the count found before it afterwards
+    (torch's count is process-wide: the caller's own work must not stay on sdlearn's choice).
+
+    Switching costs nothing measurable: setting 1 then 2 threads takes 0.2 µs, and a tiny-model
+    image switched 2 → 1 → 2 around it took 197.9 ms against 197.4 ms held at 1 thread (medians
+    of 15 on the 2-core EPYC, the caller's 2-thread work in between)."""
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def seed_everything(seed: int) -> torch.Generator:

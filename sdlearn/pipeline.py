@@ -51,12 +51,13 @@ from tqdm.auto import tqdm
 from . import fast_cpu
 from .attention_maps import CrossAttentionMaps, word_maps
 from .configs import ModelConfig
-from .device import default_dtype, randn, resolve_device
+from .device import choose_threads, default_dtype, randn, resolve_device, using_threads
 from .images import to_pil
 from .preview import LatentPreview, fitting_images
 from .request import make_request, per_image
 from .samplers import get_sampler, sample_loop
 from .tokenizer import CLIPTokenizer, default_tokenizer
+from .unet import flops_per_call
 from .checkpoint import COMPONENTS, load_component, open_checkpoint
 from .sources import SD15_DEFAULTS, read_defaults, read_preview, read_vocabulary, resolve_source
 
@@ -97,7 +98,7 @@ class GenerationResult:
     pixels: torch.Tensor             # (B, 3, H, W) float32 in [0, 1], on the CPU
     latents: torch.Tensor            # (B, 4, H/8, W/8): the final latents (the current ones after an early stop)
     seed: int                        # the seed used (drawn at random when none was given)
-    settings: dict                   # prompt, negative_prompt, sampler, steps, guidance, size, …
+    settings: dict                   # prompt, negative_prompt, sampler, steps, guidance, size, …, cpu_threads
     steps_done: int                  # sampler steps run
     stopped_early: bool = False      # a callback stopped the run; pixels then show the last x̂₀
     attention_maps: list | None = None   # one attention_maps.WordMaps per image, if asked for
@@ -205,6 +206,13 @@ class Pipeline:
             self.vae.decoder.compile(mode=mode, **options)
         return self
 
+    @property
+    def cpu_threads(self) -> int:
+        """The CPU threads `generate` runs on (sdlearn.device.choose_threads): $SDLEARN_THREADS, or
+        the count you set, or one for a UNet too small to gain from more (the tiny model), or
+        all of torch's (SD v1.5). torch's own count is restored when `generate` returns."""
+        return choose_threads(flops_per_call(self.unet.config) if self.device.type == "cpu" else None)
+
     # -- text → image -------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: list[str], negatives: list[str] | None = None) -> torch.Tensor:
@@ -250,8 +258,12 @@ class Pipeline:
                          (50 steps: 981 … 1). 1000 steps need 0 (the whole chain 999 … 0)
         attention_maps   also return per-word cross-attention maps (result.attention_maps)
         progress         show a tqdm progress bar
+
+        It runs on `pipe.cpu_threads` CPU threads (one for the tiny model; $SDLEARN_THREADS or a
+        count set with torch.set_num_threads takes precedence) and restores torch's count after.
         """
-        with torch.inference_mode():
+        threads = self.cpu_threads
+        with torch.inference_mode(), using_threads(threads):
             req = make_request(self, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                sampler=sampler, seed=seed, latents=latents, height=height, width=width, eta=eta,
                                callback=callback, image=image, strength=strength, mask=mask,
@@ -280,7 +292,7 @@ class Pipeline:
                 tokens = recorder.token_maps((req.height, req.width))
                 maps = [word_maps(self.tokenizer, p, tokens[b]) for b, p in enumerate(req.prompts)]
         return GenerationResult(images=to_pil(pixels), pixels=pixels, latents=run.x, seed=req.seed,
-                                settings={**req.settings(), "source": self.source}, steps_done=run.steps,
+                                settings={**req.settings(), "source": self.source, "cpu_threads": threads}, steps_done=run.steps,
                                 stopped_early=run.stopped, attention_maps=maps)
 
     def eps_model(self, context: torch.Tensor, guidance: float, recorder=nullcontext()) -> Callable:

@@ -24,11 +24,13 @@ these parameters and this state dict.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from .attention import attention, tag_attention_layers
 from .configs import UNetConfig
@@ -387,3 +389,21 @@ class UNet(nn.Module):
             for hook in hooks:
                 hook.remove()
         return rows
+
+
+@functools.lru_cache(maxsize=None)
+def flops_per_call(config: UNetConfig, batch: int = 2) -> int:
+    """Floating-point operations of one UNet call at the config's native size: latents
+    (batch, 4, sample_size, sample_size) and 77 tokens of context; batch 2 is one guided step.
+
+    Counted by torch's FlopCounterMode (2 per multiply-add of the matrix products, convolutions
+    and attention) on a UNet built on the meta device: no memory, no arithmetic, about 0.1 s,
+    once per config. The tiny model: 0.44 GFLOP; SD v1.5: 1,607 GFLOP.
+    """
+    side = config.sample_size
+    with torch.device("meta"):
+        unet = UNet(config)
+        with FlopCounterMode(display=False) as counter:
+            unet(torch.zeros(batch, config.in_channels, side, side), torch.zeros(batch),
+                 torch.zeros(batch, 77, config.cross_attention_dim))
+    return counter.get_total_flops()
