@@ -59,10 +59,10 @@ def test_score_and_survivors_of_a_tiny_module(tmp_path):
     # No third-party pytest plugins in the mutants' test runs (nbval, hypothesis, … take a second
     # to load each time): this test runs ten of them.
     env = dict(os.environ, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
-    out = subprocess.run([sys.executable, str(REPO / "tools" / "mutation.py"), "--root", str(project),
-                          "--workdir", str(tmp_path / "work"), "--target", "pkg/tiny.py=tests/test_tiny.py",
-                          "--sample", "100", "--seed", "1"],
-                         capture_output=True, text=True, timeout=120, env=env)
+    command = [sys.executable, str(REPO / "tools" / "mutation.py"), "--root", str(project),
+               "--workdir", str(tmp_path / "work"), "--target", "pkg/tiny.py=tests/test_tiny.py",
+               "--sample", "100", "--seed", "1"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     log = out.stdout
     assert "10 of 10 mutants" in log, log + out.stderr
     for name in ("Sub", "Div", "FloorDiv", "Mod"):
@@ -76,6 +76,12 @@ def test_score_and_survivors_of_a_tiny_module(tmp_path):
     assert "mutation score: 8 / 10 killed = 80.0 %" in log, log
     assert out.returncode == 1, log                                               # under the 90 % default
     assert (project / "pkg" / "tiny.py").read_text() == TINY                      # the copy was mutated
+
+    # A test that pins double down; then only the two survivors run again, and die.
+    (project / "tests" / "test_tiny.py").write_text(TEST + "\n\ndef test_double_3():\n    assert double(3) == 6\n")
+    again = subprocess.run(command + ["--survivors"], capture_output=True, text=True, timeout=60, env=env)
+    assert "the 2 survivors of the last run:" in again.stdout, again.stdout + again.stderr
+    assert "mutation score: 2 / 2 killed = 100.0 %" in again.stdout and again.returncode == 0, again.stdout
 
 
 def test_rules_leave_out_annotations_messages_and_docstrings():

@@ -180,6 +180,23 @@ def enumerate_mutants(tree: Path, modules: list[str], workdir: Path, all_operato
     return eligible, excluded
 
 
+def previous_survivors(workdir: Path, modules: list[str]) -> set[tuple]:
+    """(module, operator, occurrence, start) of every mutant that survived the last run."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import TestOutcome
+
+    found = set()
+    for module in modules:
+        session = workdir / (Path(module).stem + ".sqlite")
+        if session.exists():
+            with use_db(str(session), WorkDB.Mode.open) as db:
+                for item, result in db.completed_work_items:
+                    if result.test_outcome == TestOutcome.SURVIVED:
+                        (m,) = item.mutations
+                        found.add((module, m.operator_name, m.occurrence, tuple(m.start_pos)))
+    return found
+
+
 def draw(eligible: dict[str, list[Mutant]], n: int, seed: int) -> list[Mutant]:
     rng = random.Random(seed)
     counts = allocate({m: len(v) for m, v in eligible.items()}, n)
@@ -345,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fail-under", type=float, default=90.0, help="exit 1 below this score in %% (default 90)")
     p.add_argument("--all-operators", action="store_true", help="also replace arithmetic by bitwise operators")
     p.add_argument("--list", action="store_true", help="print the sample and stop")
+    p.add_argument("--survivors", action="store_true",
+                   help="run again only the mutants that survived the last run (after writing tests for them)")
     p.add_argument("--root", type=Path, default=REPO, help="the project to copy (default: this repository)")
     p.add_argument("--workdir", type=Path, help="scratch folder (default: ROOT/.cache/mutation)")
     p.add_argument("--target", action="append", default=[], metavar="MODULE=TEST[,TEST...]",
@@ -366,10 +385,18 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir.mkdir(parents=True, exist_ok=True)
     copy_tree(root, tree)
+    survivors = previous_survivors(workdir, list(targets)) if args.survivors else None
     eligible, excluded = enumerate_mutants(tree, list(targets), workdir, args.all_operators)
-    sample = draw(eligible, args.sample, args.seed)
     total = sum(len(v) for v in eligible.values())
-    print(f"{len(sample)} of {total} mutants (seed {args.seed}; {sum(excluded.values())} more left out by rule):")
+    if survivors is None:
+        sample = draw(eligible, args.sample, args.seed)
+        print(f"{len(sample)} of {total} mutants (seed {args.seed}; {sum(excluded.values())} more left out by rule):")
+    else:
+        sample = [mu for v in eligible.values() for mu in v
+                  if (mu.module, mu.operator, mu.occurrence, mu.start) in survivors]
+        print(f"the {len(sample)} survivors of the last run"
+              + (f" ({len(survivors) - len(sample)} no longer exist: the source changed)" if len(sample) < len(survivors) else "")
+              + ":")
     for module in targets:
         print(f"  {module:<24} {sum(mu.module == module for mu in sample):>4} of {len(eligible[module]):<5} "
               f"tests: {' '.join(targets[module])}")
