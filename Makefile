@@ -6,7 +6,7 @@
 #   make figures    regenerate figures/*.png from the package
 #   make bench      CPU benchmarks against diffusers
 #   make mutation   mutation testing of the core modules: a seeded random sample of mutants, each
-#                   run against its module's fast tests (MUTANTS=200 MUTATION_SEED=0)
+#                   run against its module's fast tests (MUTANTS=200 MUTATION_SEED=0; about 35 minutes)
 #
 # PyTorch is installed first, on its own, so you choose the build:
 #   TORCH        what to ask pip for (default: torch). CI: TORCH=torch==2.13.0 (a local CPU wheel)

@@ -3,6 +3,7 @@
     python tools/mutation.py                       # 200 mutants, seed 0   (make mutation)
     python tools/mutation.py --sample 40 --modules schedule,attention
     python tools/mutation.py --list                # show the sample, run nothing
+    python tools/mutation.py --survivors           # only the last run's survivors (after new tests)
 
 A mutant is the source with one small change (`+` → `-`, `<` → `<=`, `1` → `2`, `if c` →
 `if not c`, a loop that never runs, …). It is *killed* when the tests of its module fail (or
@@ -13,7 +14,7 @@ Cosmic Ray (`cosmic_ray`, a test dependency) makes the mutants: its `init` lists
 mutation its operators can make in a module, and its `mutate_and_test` writes one into the file,
 runs a test command and puts the file back. This script adds what the issue asks for on top:
 
-1. A copy of the repository under `--workdir` (default .cache/mutation/tree) is what gets
+1. A copy of the repository, `tree/` under `--workdir` (default .cache/mutation), is what gets
    mutated; the working tree is never touched, and the tests import sdlearn from the copy.
 2. Each module is tested by its own fast test files (`MODULE_TESTS`, tests of `make test`,
    run with `-m "not full"` and `-x`). Their unmutated run must pass first (the baseline); its
@@ -26,7 +27,7 @@ runs a test command and puts the file back. This script adds what the issue asks
    And by a choice of operators (`--all-operators` turns it off): an arithmetic operator is not
    replaced by a shift or bitwise one (`>>`, `<<`, `&`, `|`, `^`). On float tensors these raise a
    TypeError on the first call, so any test that reaches the line kills them; cosmic-ray makes
-   five per arithmetic operator, a third of all mutants, and they would only inflate the score.
+   five per arithmetic operator, nearly a third of all mutants, and they would only inflate the score.
 4. A seeded sample (`--sample`, `--seed`): half of it split evenly over the modules, half in
    proportion to how many mutants each has, then drawn at random within each module.
 5. One mutant at a time, the test process limited to one thread (the machine is shared). The
@@ -46,7 +47,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
