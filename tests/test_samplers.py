@@ -292,6 +292,27 @@ def test_img2img_karras_add_noise_matches_diffusers():
         assert rel_err(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t)) <= 1e-6
 
 
+def test_add_noise_before_any_step_looks_the_timestep_up_like_diffusers():
+    """Without a start index (no img2img set-up, no step yet) a σ-sampler finds σ by looking the
+    timestep up in its table: the second of two equal entries (50 Karras steps round t = 1
+    twice), the last σ for a timestep that is not on the chain — as diffusers'
+    DPMSolverMultistepScheduler.index_for_timestep does."""
+    ref = reference_scheduler("dpmpp_2m", karras=True)
+    ref.set_timesteps(50)
+    ours = get_sampler("dpmpp_2m", karras=True)
+    ours.set_timesteps(50)
+    table = ours.timesteps.tolist()
+    assert table.count(1) == 2 and 500 not in table
+    x0, noise = x_T(5), x_T(6)
+    for t in (table[0], 1, 500):
+        ts = torch.tensor([t, t])
+        assert rel_err(ours.add_noise(x0, noise, ts), ref.add_noise(x0, noise, ts)) <= 1e-6, t
+    last = ours.sigmas[len(table) - 1]
+    assert 0 < last < ours.sigmas[len(table) - 2]                  # the last σ of the chain, not the final 0
+    assert torch.equal(ours.add_noise(x0, noise, torch.tensor([500, 500])),
+                       ours._alpha_sigma(last)[0] * x0 + ours._alpha_sigma(last)[1] * noise)
+
+
 def test_img2img_strength_too_small_explains():
     with pytest.raises(ValueError, match="no step"):
         get_sampler("ddim").timesteps_for_strength(10, 0.05)

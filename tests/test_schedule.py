@@ -100,6 +100,20 @@ def test_sigmas_and_log_snr_match_diffusers_sigma_based_schedulers():
     assert rel_err(s.log_snr(), 2 * dpm.lambda_t) < 1e-6            # λ = log(α/σ) = ½ log SNR
 
 
+def test_betas_must_lie_strictly_between_zero_and_one():
+    """β_t = 0 would add no noise at step t and β_t = 1 would erase the signal (ᾱ = 0 from there
+    on, σ = ∞): neither is a noise schedule. Nor is a table that is not 1-D."""
+    assert NoiseSchedule(torch.tensor([1e-4, 0.5, 0.999])).num_train_timesteps == 3
+    for betas in ([0.5, 1.0], [0.5, 1.5], [0.0, 0.5], [-0.1, 0.5], [[0.1, 0.2]]):
+        with pytest.raises(ValueError, match="betas must be a 1-D tensor with every value in \\(0, 1\\)"):
+            NoiseSchedule(torch.tensor(betas))
+
+
+def test_repr_names_the_schedule_its_length_and_end_values():
+    assert repr(NoiseSchedule.scaled_linear()) == "NoiseSchedule.scaled_linear(T=1000, β 0.00085…0.01200, ᾱ_T=0.00466)"
+    assert repr(NoiseSchedule.linear(500)) == "NoiseSchedule.linear(T=500, β 0.00010…0.02000, ᾱ_T=0.00635)"
+
+
 def test_q_sample_matches_diffusers_add_noise():
     s = NoiseSchedule.scaled_linear()
     ref = diffusers_ddpm("scaled_linear")

@@ -276,6 +276,15 @@ def test_wrong_input_types_raise_type_error_saying_what_was_expected(tok):
     assert tok([]).shape == (0, 77)
 
 
+def test_vocabulary_and_merges_that_do_not_belong_together_are_refused():
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a": 2, "b": 3, "ab": 4}
+    assert CLIPTokenizer(vocab, [("a", "b")]).bpe_ranks == {("a", "b"): 0}
+    with pytest.raises(ValueError, match=r"1 merge results are not in the vocabulary \(first: 'ba'\)"):
+        CLIPTokenizer(vocab, [("a", "b"), ("b", "a")])
+    with pytest.raises(ValueError, match="lacks the end token"):
+        CLIPTokenizer({"<|startoftext|>": 0, "a": 1}, [])
+
+
 def test_tokenizer_json_of_transformers_5_gives_the_same_ids(tmp_path):
     """transformers 5 saves only tokenizer.json; a folder holding it loads to the same tokenizer."""
     from transformers import CLIPTokenizer as HFTokenizer

@@ -247,3 +247,11 @@ def test_wrong_inputs_give_clear_errors():
         unet(latents[:, :3], 1, context)
     with pytest.raises(ValueError, match=r"timesteps .* \(2,\); got \(3,\)"):
         unet(latents, torch.tensor([1, 2, 3]), context)
+    with pytest.raises(ValueError, match=r"context of shape \(2, tokens, 48\).*got \(2, 77, 48, 1\)"):
+        unet(latents, 1, context[..., None])                              # one dimension too many
+    with pytest.raises(ValueError, match=r"context of shape \(2, tokens, 48\).*got \(3, 77, 48\)"):
+        unet(latents, 1, torch.cat([context, context[:1]]))              # more prompts than latents
+    with pytest.raises(ValueError, match=r"context of shape \(2, tokens, 48\).*got \(2, 77, 40\)"):
+        unet(latents, 1, context[..., :40])                              # narrower than cross_attention_dim
+    with pytest.raises(ValueError, match=r"timesteps .* \(2,\); got \(2, 1\)"):
+        unet(latents, torch.tensor([[1], [2]]), context)

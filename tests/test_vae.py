@@ -25,6 +25,12 @@ def make_pair(cfg: VAEConfig, seed: int = 0):
     return ours, ref
 
 
+# A second small config that exercises what tiny() does not: every level a different width (in
+# tiny() and SD v1.5 the two deepest levels are equally wide, so a wrong level index there goes
+# unseen), three levels (f = 4), two ResBlocks per level.
+THREE_WIDTHS = VAEConfig(block_out_channels=(16, 32, 48), layers_per_block=2, norm_num_groups=16, sample_size=32)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return make_pair(VAEConfig.tiny())
@@ -57,6 +63,12 @@ def test_state_dict_has_diffusers_names_and_shapes(tiny):
 @pytest.mark.parametrize("h, w", [(64, 64), (48, 80)])
 def test_vae_matches_diffusers_at_tiny_size(tiny, h, w):
     check_parity(*tiny, images(2, h, w))
+
+
+def test_vae_matches_diffusers_when_every_level_has_its_own_width():
+    ours, ref = make_pair(THREE_WIDTHS)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    check_parity(ours, ref, images(1, 24, 32))
 
 
 @pytest.mark.full
