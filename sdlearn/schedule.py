@@ -41,7 +41,7 @@ class NoiseSchedule:
     or from any betas: `NoiseSchedule(betas, name="mine")`.
     """
 
-    def __init__(self, betas: torch.Tensor, name: str = "custom"):
+    def __init__(self, betas: torch.Tensor, name: str = "custom", alphas_cumprod: torch.Tensor | None = None):
         betas = torch.as_tensor(betas)
         if betas.ndim != 1 or not ((betas > 0) & (betas < 1)).all():
             raise ValueError(f"betas must be a 1-D tensor with every value in (0, 1); got shape "
@@ -49,7 +49,12 @@ class NoiseSchedule:
         self.name = name
         self.betas = betas.to(torch.float32)
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        # ᾱ_t = ∏_{s≤t} α_s; given from outside only by the classroom capstone (your own ᾱ)
+        self.alphas_cumprod = (torch.cumprod(self.alphas, dim=0) if alphas_cumprod is None
+                               else torch.as_tensor(alphas_cumprod, dtype=torch.float32))
+        if self.alphas_cumprod.shape != self.betas.shape:
+            raise ValueError(f"alphas_cumprod has shape {tuple(self.alphas_cumprod.shape)}; expected "
+                             f"{tuple(self.betas.shape)}, one ᾱ_t per β_t")
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
         # ᾱ_{t−1} with ᾱ_{−1} = 1 (no noise before the first step), so β̃_0 = 0.
