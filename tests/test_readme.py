@@ -37,8 +37,8 @@ def code_blocks(text: str) -> list[tuple[str, str]]:
 
 
 def commands(code: str) -> list[str]:
-    """The command lines of a shell block, comments dropped."""
-    lines = [line.split(" #")[0].strip() for line in code.splitlines()]
+    """The command lines of a shell block, comments dropped, continued lines (ending in \\) joined."""
+    lines = [line.split(" #")[0].strip() for line in code.replace("\\\n", " ").splitlines()]
     return [line for line in lines if line and not line.startswith("#")]
 
 
