@@ -235,8 +235,9 @@ def run_check(name: str, fn: Callable | None) -> Report:
     return Report(name, True, f"{name}: right on all {len(cases)} inputs{tail}.")
 
 
-def check(name: str, fn: Callable | None, *, save: bool = True) -> Report:
-    """Check your function for exercise `name`; print the verdict; raise if it is not right yet.
+def check(name: str, fn: Callable | None, *, save: bool = True) -> None:
+    """Check your function for exercise `name`; print the verdict; raise if it is not right yet
+    (returns nothing, so a notebook cell shows only the verdict; `run_check` returns the Report).
 
     A right answer to an exercise the capstone uses is saved as source to `my_sd/NAME.py`
     (the folder in $SDLEARN_MY_SD, else `my_sd` in the current folder)."""
@@ -249,7 +250,6 @@ def check(name: str, fn: Callable | None, *, save: bool = True) -> Report:
         path = save_source(name, fn)
         if path is not None:
             print(f"  saved to {path} for the capstone (notebook 06)")
-    return report
 
 
 # ------------------------------------------------------------------------------ saved answers
