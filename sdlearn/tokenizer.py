@@ -103,6 +103,20 @@ def clean(text: str) -> str:
     return text.lower() if "Σ" not in text else "".join(c.lower() for c in text)
 
 
+def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """One BPE merge: every occurrence of the adjacent `pair` joined into one symbol, left to
+    right (so "a a a" with pair (a, a) becomes "aa a")."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
+
+
 def read_bundled_vocab(path: Path = BUNDLED_VOCAB) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """OpenAI's merges file → (vocabulary {symbol: id}, merges in rank order).
 
@@ -241,15 +255,7 @@ class CLIPTokenizer:
             pair = min(zip(symbols, symbols[1:]), key=lambda p: self.bpe_ranks.get(p, _NO_RULE))
             if pair not in self.bpe_ranks:
                 break
-            merged, i = [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+            symbols = merge_pair(symbols, pair)
             steps.append(symbols)
         return steps
 

@@ -1,0 +1,189 @@
+"""Notebook 02 (CLIP): the BPE merge loop for one word, the causal mask, one causal attention
+head, quick_gelu."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from .. import attention as attention_module
+from .. import clip
+from .. import tokenizer as tokenization
+from .core import Case, Exercise, Mistake, register
+
+# ------------------------------------------------------------------------------------ bpe
+# (word, ranks) → the word's final BPE symbols. ASCII words: each letter is its own byte symbol.
+
+
+def _package_bpe(word, ranks):
+    """The package's CLIPTokenizer.bpe_steps with the given rank table (its last step)."""
+    state = SimpleNamespace(_byte_encoder=tokenization.bytes_to_unicode(), bpe_ranks=ranks)
+    return tokenization.CLIPTokenizer.bpe_steps(state, word)[-1]
+
+
+class _Ranks(dict):
+    """A rank table whose deep copy is itself: check() deep-copies every input, and copying
+    SD's 48,894 merges for every call would only cost time (nobody's function changes it)."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _bpe_cases() -> list[Case]:
+    real = _Ranks(tokenization.default_tokenizer().bpe_ranks)
+    # Made-up ranks where the leftmost pair is not the best one: b+c (rank 0) before a+b (rank 1).
+    made_up = _Ranks({("b", "c"): 0, ("a", "b"): 1, ("bc", "d</w>"): 2, ("a", "bcd</w>"): 3})
+    return [Case("word 'photograph' with CLIP's ranks", ("photograph", real)),
+            Case("word 'triangle' with CLIP's ranks", ("triangle", real)),
+            Case("word 'abcd' with ranks {('b','c'): 0, ('a','b'): 1, ('bc','d</w>'): 2, ('a','bcd</w>'): 3}",
+                 ("abcd", made_up)),
+            Case("word 'stablediffusion' with CLIP's ranks", ("stablediffusion", real)),
+            Case("word 'aaaa' with ranks {('a','a'): 0} (a pair that occurs twice)",
+                 ("aaaa", _Ranks({("a", "a"): 0}))),
+            Case("word 'a' (one letter) with CLIP's ranks", ("a", real)),
+            Case("word 'zzzqx' with no ranks at all ({})", ("zzzqx", _Ranks()))]
+
+
+def _loop(symbols, ranks, choose):
+    """The merge loop of the wrong versions: `choose` picks the pair to merge among the ranked ones."""
+    while True:
+        ranked = [p for p in zip(symbols, symbols[1:]) if p in ranks]
+        if not ranked:
+            return symbols
+        symbols = tokenization.merge_pair(symbols, choose(ranked, ranks))
+
+
+def _lowest(ranked, ranks):
+    return min(ranked, key=ranks.get)
+
+
+def _leftmost_pair(word, ranks):            # merges the first ranked pair, not the best-ranked one
+    symbols = list(word)
+    symbols[-1] += "</w>"
+    return _loop(symbols, ranks, lambda ranked, r: ranked[0])
+
+
+def _no_word_end(word, ranks):
+    return _loop(list(word), ranks, _lowest)
+
+
+def _word_end_apart(word, ranks):           # "</w>" as a symbol of its own
+    return _loop(list(word) + ["</w>"], ranks, _lowest)
+
+
+def _highest_rank(word, ranks):
+    symbols = list(word)
+    symbols[-1] += "</w>"
+    return _loop(symbols, ranks, lambda ranked, r: max(ranked, key=r.get))
+
+
+register(Exercise(
+    name="bpe", notebook="02_clip",
+    reference=_package_bpe,
+    cases=_bpe_cases,
+    mistakes=[Mistake("each step merges the adjacent pair with the LOWEST rank anywhere in the word, not the "
+                      "first ranked pair from the left.", _leftmost_pair),
+              Mistake("a low rank means learned early, so it goes first: take min over the ranks, not max.",
+                      _highest_rank),
+              Mistake("the word end marker '</w>' is glued to the last symbol before merging (\"d\" → \"d</w>\"); "
+                      "the ranks know 'h</w>', not 'h'.", _no_word_end),
+              Mistake("'</w>' is not a symbol of its own: append it to the last letter (\"d</w>\").",
+                      _word_end_apart)],
+    hint="start from the letters with '</w>' glued to the last; repeat: among adjacent pairs that have a rank "
+         "take the lowest, merge every occurrence of it left to right; stop when no pair has a rank."))
+
+
+# ---------------------------------------------------------------------------- causal_mask
+
+def _package_mask(n):
+    """Where the package's causal attention gives a query any weight: with all scores equal
+    (q = k = 0) every allowed key gets 1/(i+1), every masked one exactly 0."""
+    zeros = torch.zeros(1, 1, n, 1)
+    return attention_module.attention_probs(zeros, zeros, causal=True)[0, 0] > 0
+
+
+def _mask_cases() -> list[Case]:
+    return [Case("n = 4", (4,)), Case("n = 77", (77,)), Case("n = 1", (1,))]
+
+
+register(Exercise(
+    name="causal_mask", notebook="02_clip",
+    reference=_package_mask,
+    cases=_mask_cases,
+    mistakes=[Mistake("a token also attends to itself: the diagonal (j = i) is allowed, so keep it True.",
+                      lambda n: torch.ones(n, n, dtype=torch.bool).tril(-1)),
+              Mistake("rows are queries and columns keys: row i may look at columns j ≤ i (the past), "
+                      "not j ≥ i (the future).", lambda n: torch.ones(n, n, dtype=torch.bool).triu()),
+              Mistake("the mask says where attention is ALLOWED (True), as the package's masked_fill(~mask, −∞) "
+                      "reads it; yours is True where it is blocked.",
+                      lambda n: torch.ones(n, n, dtype=torch.bool).triu(1)),
+              Mistake("return booleans (dtype torch.bool): True where row i may attend to column j.",
+                      lambda n: torch.ones(n, n).tril())],
+    hint="entry [i, j] is True exactly when j ≤ i (torch.tril keeps the diagonal and below)."))
+
+
+# ---------------------------------------------------------------------- attention_head
+
+def _package_head(q, k, v):
+    """The package's attention with one head and the causal mask: (N, d) each → (N, d)."""
+    return attention_module.attention(q[None], k[None], v[None], heads=1, causal=True)[0]
+
+
+def _head_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(2)
+    def qkv(n, d, scale=1.0):
+        return tuple(torch.randn(n, d, generator=g) * scale for _ in range(3))
+    return [Case("q, k, v of shape (5, 8), standard normal", qkv(5, 8)),
+            Case("q, k, v of shape (77, 64), standard normal × 2", qkv(77, 64, 2.0)),
+            Case("q, k, v of shape (1, 16) (one token)", qkv(1, 16))]
+
+
+def _scores_to_out(q, k, v, scores, mask_value=float("-inf"), dim=-1):
+    n = q.shape[0]
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    return scores.masked_fill(~allowed, mask_value).softmax(dim=dim) @ v
+
+
+register(Exercise(
+    name="attention_head", notebook="02_clip",
+    reference=_package_head,
+    cases=_head_cases,
+    mistakes=[Mistake("did you divide the scores by √d (d = the head's width, q.shape[-1])?",
+                      lambda q, k, v: _scores_to_out(q, k, v, q @ k.T)),
+              Mistake("the scores are divided by √d, not by d.",
+                      lambda q, k, v: _scores_to_out(q, k, v, q @ k.T / q.shape[-1])),
+              Mistake("the causal mask is missing: query i must not see keys j > i (set those scores to −∞ "
+                      "before the softmax).",
+                      lambda q, k, v: (q @ k.T / math.sqrt(q.shape[-1])).softmax(-1) @ v),
+              Mistake("masked scores must be −∞, not 0: e⁰ = 1 still gives the future keys weight.",
+                      lambda q, k, v: _scores_to_out(q, k, v, q @ k.T / math.sqrt(q.shape[-1]), mask_value=0.0)),
+              Mistake("the softmax runs over the keys (the last dimension), so each query's weights sum to 1.",
+                      lambda q, k, v: _scores_to_out(q, k, v, q @ k.T / math.sqrt(q.shape[-1]), dim=0))],
+    hint="scores = q kᵀ / √d, (N, N); −∞ above the diagonal; softmax over each row; times v.",
+    atol=1e-5, rtol=1e-4))
+
+
+# ------------------------------------------------------------------------------ quick_gelu
+
+def _gelu_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(3)
+    return [Case("x = linspace(−6, 6, 121)", (torch.linspace(-6, 6, 121),)),
+            Case("x of shape (2, 77, 8), standard normal × 3", (torch.randn(2, 77, 8, generator=g) * 3,)),
+            Case("x = [0.]", (torch.zeros(1),))]
+
+
+register(Exercise(
+    name="quick_gelu", notebook="02_clip",
+    reference=lambda x: clip.quick_gelu(x),
+    cases=_gelu_cases,
+    mistakes=[Mistake("that is the exact GELU x·Φ(x); CLIP was trained with quick_gelu, x·σ(1.702·x).",
+                      lambda x: F.gelu(x)),
+              Mistake("that is GELU's tanh approximation; CLIP's activation is quick_gelu, x·σ(1.702·x).",
+                      lambda x: F.gelu(x, approximate="tanh")),
+              Mistake("the factor x in front is missing: σ(1.702·x) alone is a smooth step from 0 to 1.",
+                      lambda x: torch.sigmoid(1.702 * x)),
+              Mistake("that is SiLU, x·σ(x): the sigmoid's argument is 1.702·x.",
+                      lambda x: x * torch.sigmoid(x))],
+    hint="quick_gelu(x) = x · sigmoid(1.702 · x), element by element."))
