@@ -249,7 +249,11 @@ def check(name: str, fn: Callable | None, *, save: bool = True) -> None:
     if save and ex.capstone:
         path = save_source(name, fn)
         if path is not None:
-            print(f"  saved to {path} for the capstone (notebook 06)")
+            try:
+                shown = path.relative_to(Path.cwd())      # "my_sd/x.py": the same in every checkout
+            except ValueError:
+                shown = path
+            print(f"  saved to {shown} for the capstone (notebook 06)")
 
 
 # ------------------------------------------------------------------------------ saved answers
