@@ -78,3 +78,11 @@ def test_the_capstone_pieces_of_notebook_03():
     assert not EX["q_sample"].capstone and not EX["ddpm_posterior"].capstone
     assert exercises.list_exercises("03_noise_schedule") == [
         "scaled_linear_betas", "alphas_cumprod", "q_sample", "ddpm_posterior", "ddim_step"]
+
+
+def test_notebook_03_holds_each_exercise_the_nbgrader_way_in_under_2000_words():
+    from classroom_cells import exercise_problems, main_body_words
+    problems = [p for name in exercises.list_exercises("03_noise_schedule")
+                for p in exercise_problems("03_noise_schedule", name)]
+    assert problems == []
+    assert main_body_words("03_noise_schedule") <= 2000

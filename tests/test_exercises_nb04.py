@@ -66,3 +66,10 @@ def test_a_learners_answers_pass():
     for name, fn in [("resblock", resblock), ("attention", attention), ("skip_shapes", skip_shapes)]:
         report = exercises.run_check(name, fn)
         assert report.passed, report.message
+
+
+def test_notebook_04_holds_each_exercise_the_nbgrader_way_in_under_2000_words():
+    from classroom_cells import exercise_problems, main_body_words
+    problems = [p for name in exercises.list_exercises("04_unet") for p in exercise_problems("04_unet", name)]
+    assert problems == []
+    assert main_body_words("04_unet") <= 2000
