@@ -23,6 +23,7 @@ upsampling every map.
         for t in timesteps: unet(...)
     token_maps = acc.token_maps((H, W))                # (B, 77, H, W)
     words = word_maps(tokenizer, prompt, token_maps[0])   # WordMaps: .words, .maps (n, H, W)
+    strongest_word(words.maps)                         # (H, W): which word wins each pixel
 """
 from __future__ import annotations
 
@@ -135,3 +136,11 @@ def word_maps(tokenizer, prompt: str, token_maps: torch.Tensor) -> WordMaps:
     maps = (torch.stack([token_maps[k].sum(dim=0) for k in index]) if index
             else token_maps.new_zeros((0,) + tuple(token_maps.shape[1:])))
     return WordMaps(prompt, words, maps, token_maps, index)
+
+
+def strongest_word(maps: torch.Tensor) -> torch.Tensor:
+    """maps (n_words, H, W) → (H, W) long: at each pixel the index of the word whose map, scaled
+    to its own maximum (as `viz.plot_word_maps` shows them), is the largest there. Scaling first
+    matters: a word that takes more attention everywhere would otherwise win every pixel."""
+    peak = maps.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
+    return (maps / peak).argmax(dim=0)
