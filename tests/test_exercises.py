@@ -170,3 +170,9 @@ def test_the_capstone_uses_a_wrong_piece_and_says_what_is_missing():
     with pytest.raises(ValueError, match="pass the pipeline"):
         with exercises.use({"alphas_cumprod": my_abar}):
             pass
+
+
+def test_a_tensor_where_a_number_is_expected_is_named():
+    from sdlearn.exercises.core import difference
+    assert "expected a single number" in difference(torch.ones(4), 1.0, 1e-6, 1e-6)
+    assert difference(torch.tensor(1.0), 1.0, 1e-6, 1e-6) is None

@@ -154,8 +154,10 @@ def difference(got: Any, expected: Any, atol: float, rtol: float, where: str = "
         if math.isclose(got, expected, rel_tol=rtol, abs_tol=atol):
             return None
         return f"{where or 'the answer'} is {_number(got)}; expected {_number(expected)}"
-    if isinstance(got, torch.Tensor) and got.numel() == 1 and isinstance(expected, (int, float)):
-        return difference(got.item(), float(expected), atol, rtol, where)
+    if isinstance(got, torch.Tensor) and isinstance(expected, (int, float)):
+        if got.numel() == 1:
+            return difference(got.item(), float(expected), atol, rtol, where)
+        return f"{where or 'the answer'} is {_describe(got)}; expected a single number"
     if got == expected:
         return None
     return f"{where or 'the answer'} is {got!r}; expected {expected!r}"
