@@ -286,3 +286,13 @@ def test_nbgrader_autogrades_a_real_notebook(path, tmp_path):
     got = autograde(course, "series", {"teacher": course / "source" / "series", "learner": release}, tmp_path)
     n = len(exercise_cells(read(path)))
     assert got == {"teacher": (n, n), "learner": (0, n)}
+
+
+def test_the_test_set_and_ci_install_what_these_tests_need():
+    import tomllib
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "sdlearn[classroom]" in extras["test"] and "sdlearn[browser]" in extras["test"]
+    assert any(d.startswith("nbgrader") for d in extras["classroom"])
+    assert any(d.startswith("selenium") for d in extras["browser"])
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "apt-get install" in ci and "chromium chromium-driver" in ci
