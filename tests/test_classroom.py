@@ -121,10 +121,17 @@ def test_exercise_cells_follow_the_convention(path):
         assert title.source.lstrip().startswith("### Your turn:"), f"{name}: a '### Your turn:' cell comes first"
         # Later cells use the package's version, never the learner's function (it raises in the
         # student edition): the name appears again only in other checks or in comments/prose.
+        # (A later `def name(`, `name = …` or `import … name` gives the name back to the package.)
+        rebinds = re.compile(rf"^\s*(def {name}\s*\(|{name}\s*=[^=]|(from\s+\S+\s+)?import\b.*\b{name}\b)", re.M)
         for later in nb.cells[check + 1:]:
             if later.cell_type == "code" and not student_edition.is_check_cell(later):
                 code = re.sub(r"#.*", "", later.source)
-                assert not re.search(rf"(?<![\w.]){name}\s*\(", code), f"a later cell calls the learner's {name}"
+                rebound = rebinds.search(code)
+                call = re.search(rf"(?<![\w.]){name}\s*\(", code)
+                assert not call or (rebound and rebound.start() < call.start()), \
+                    f"a later cell calls the learner's {name} (it raises in the student edition):\n{later.source}"
+                if rebound:
+                    break
 
 
 # ----------------------------------------------------------------------------- the student edition
@@ -246,7 +253,7 @@ def scores(course: Path, assignment: str, students: list[str]) -> dict[str, tupl
 def autograde(course: Path, assignment: str, submissions: dict[str, Path], tmp: Path) -> dict[str, tuple[float, float]]:
     for student, folder in submissions.items():
         shutil.copytree(folder, course / "submitted" / student / assignment)
-        nbgrader(course, "autograde", assignment, f"--student={student}", "--create", env=kernel_env(tmp))
+    nbgrader(course, "autograde", assignment, "--create", env=kernel_env(tmp))      # every submission, one run
     return scores(course, assignment, list(submissions))
 
 
