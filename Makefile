@@ -3,6 +3,8 @@
 #   make lab        open the notebooks in JupyterLab (a server: it runs until you stop it, Ctrl-C)
 #   make test-full  the above plus the slow full-size SD v1.5 parity tests
 #   make notebooks  execute every notebook in place (commit them executed)
+#   make student    write the student edition of notebooks/ to student/ (solutions cleared, outputs
+#                   cleared; nbgrader's preprocessors); refuses if student/ exists: OVERWRITE=1 replaces it
 #   make figures    regenerate figures/*.png from the package
 #   make bench      CPU benchmarks against diffusers
 #   make mutation   mutation testing of the core modules: a seeded random sample of mutants, each
@@ -27,11 +29,14 @@ MUTATION_SEED ?= 0
 NBVAL  := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: install install-notebooks install-test lab test test-full notebooks figures bench mutation clean
+OVERWRITE ?=
+
+.PHONY: install install-notebooks install-test install-classroom lab test test-full notebooks student figures bench mutation clean
 
 install: install-test
 install-notebooks: $(VENV)/.sdlearn-notebooks
 install-test: $(VENV)/.sdlearn-test
+install-classroom: $(VENV)/.sdlearn-classroom
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +57,11 @@ $(VENV)/.sdlearn-test: pyproject.toml $(VENV)/.sdlearn-torch
 	$(PIP) install --no-deps "stable-diffusion-sdkit==2.1.5"
 	touch $@
 
+# The classroom set: the notebook set and nbgrader (the test set includes it too).
+$(VENV)/.sdlearn-classroom: pyproject.toml $(VENV)/.sdlearn-torch
+	$(PIP) install -e ".[notebooks,classroom]"
+	touch $@
+
 ROOTFLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 lab: install-notebooks
@@ -67,6 +77,10 @@ test-full: install-test
 notebooks: install-notebooks
 	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=1800 notebooks/*.ipynb
+
+# The student edition: never written over a student/ that exists unless OVERWRITE=1 (it may hold work).
+student: install-classroom
+	$(PY) tools/student_edition.py --out student $(if $(OVERWRITE),--overwrite)
 
 figures: install-notebooks
 	$(PY) -m sdlearn.figures figures

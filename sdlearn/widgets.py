@@ -13,6 +13,12 @@ return tensors and figures, so they are tested without a kernel. The ipywidgets 
     explorer.figure("a red circle on the left", guidance=7.5, steps=20, seed=0, word="red")
     explorer.widget()       # prompt, guidance, steps, seed and a word picker (needs a live kernel)
 
+    interact(show, t=(0, 999, 1), schedule=["linear", "cosine"])   # sliders, or the static figure
+
+ipywidgets is optional (the `notebooks` extra): it is imported behind a guard, and where it is
+missing `GuidanceExplorer.widget` and `interact` print a one-line note and show the static figure
+of the default settings instead of the controls.
+
 Both splits add up to the maps `generate(..., attention_maps=True)` returns: every step and
 every cross-attention layer adds the same number of head maps (one per head), so the whole-run
 map is the plain mean of the per-window maps weighted by their number of steps, and the plain
@@ -20,15 +26,85 @@ mean of the per-layer maps.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+import matplotlib.figure
 import torch
 
 from .attention_maps import CrossAttentionMaps, WordMaps, is_cross_attention, word_maps, word_tokens
 from .images import read_picture
 from .request import output_size
 from .viz import heatmap_overlay, image_table
+
+NO_WIDGETS = ("(ipywidgets is not installed, so this is the static figure for the settings below; "
+              "`pip install ipywidgets` gives the sliders.)")
+
+
+def ipywidgets_or_none():
+    """The ipywidgets module, or None when it is not installed (the guard every control goes through)."""
+    try:
+        import ipywidgets
+    except ImportError:
+        return None
+    return ipywidgets
+
+
+def _static(fig):
+    """Hand a figure to the notebook exactly once: out of pyplot's list (which the inline backend
+    would show again at the end of the cell), returned for the cell to display."""
+    import matplotlib.pyplot as plt
+    if fig is not None:
+        plt.close(fig)
+    return fig
+
+
+def interact(fn, **controls):
+    """`ipywidgets.interact` with sliders that update on release; without ipywidgets, a one-line note
+    and `fn` called once with its defaults (its figure is the static one).
+
+    Each control is (min, max) or (min, max, step) for a slider (ints give an IntSlider), or a list
+    for a drop-down; its starting value is `fn`'s default for that argument (else the slider's
+    middle or the list's first item). Returns what the cell shows as its last expression: the
+    `ipywidgets.interactive` box (controls and output), or without ipywidgets the static figure.
+    """
+    import inspect
+    defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    start = {}
+    for name, spec in controls.items():
+        if name in defaults:
+            start[name] = defaults[name]
+        elif isinstance(spec, list):
+            start[name] = spec[0]
+        elif isinstance(spec, tuple):
+            middle = (spec[0] + spec[1]) / 2
+            start[name] = int(middle) if all(isinstance(v, int) for v in spec) else middle
+        else:
+            start[name] = spec             # a fixed value (or a widget, with ipywidgets)
+    W = ipywidgets_or_none()
+    if W is None:
+        print(NO_WIDGETS.replace("the settings below", ", ".join(f"{k} = {v!r}" for k, v in start.items())))
+        return _static(fn(**start))
+    made = {}
+    for name, spec in controls.items():
+        if isinstance(spec, tuple):
+            lo, hi, *step = spec
+            cls = W.IntSlider if all(isinstance(v, int) for v in (lo, hi, *step)) else W.FloatSlider
+            made[name] = cls(value=start[name], min=lo, max=hi, step=step[0] if step else (1 if cls is W.IntSlider else (hi - lo) / 100),
+                             description=name, continuous_update=False)
+        elif isinstance(spec, list):
+            made[name] = W.Dropdown(options=spec, value=start[name], description=name)
+        else:
+            made[name] = spec
+    @functools.wraps(fn)
+    def shown(*args, **kwargs):            # a returned pyplot figure is shown once, as the result
+        out = fn(*args, **kwargs)
+        return _static(out) if isinstance(out, matplotlib.figure.Figure) else out
+
+    return W.interactive(shown, **made)
+
 
 # With one prompt and one image the UNet's batch is [unconditional, conditional] with guidance and
 # [conditional] without: the conditional row is the last one either way.
@@ -218,12 +294,19 @@ class GuidanceExplorer:
     def widget(self, prompt: str = "a large red circle on the left", *, guidance: float = 7.5,
                steps: int | None = None, seed: int = 0, word: str | None = None):
         """Text box, guidance and steps sliders, a seed box, a word picker, and the figure below
-        them; runs on every change (the word picker only redraws). Needs ipywidgets."""
-        import ipywidgets as W                  # optional: only the interactive explorer needs it
+        them; runs on every change (the word picker only redraws). Without ipywidgets: a one-line
+        note and the static figure of these settings (`figure`), returned."""
         import matplotlib.pyplot as plt         # as in viz.py: pyplot picks a backend when imported
-        from IPython.display import display
 
         steps = steps or self.pipe.default_steps
+        W = ipywidgets_or_none()                # optional: only the interactive explorer needs it
+        if W is None:
+            words = prompt_words(self.pipe.tokenizer, prompt)
+            word = word if word is not None else (words[-1] if words else None)
+            print(NO_WIDGETS.replace("the settings below", f"guidance {guidance:g}, {steps} steps, seed {seed}"
+                                     + (f", word '{word}'" if word is not None else "")))
+            return _static(self.figure(prompt, guidance=guidance, steps=steps, seed=seed, word=word))
+        from IPython.display import display
         controls = {
             "prompt": W.Text(value=prompt, description="prompt", continuous_update=False,
                              layout=W.Layout(width="32em")),
