@@ -41,9 +41,16 @@ ENV_FOLDER = "SDLEARN_MY_SD"        # where right answers are saved (default: ./
 class NotWrittenYet(Exception):
     """The exercise's function still raises NotImplementedError."""
 
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows this instead of a traceback: the message above already said it all
+        return [f"{type(self).__name__}: {self}"]
+
 
 class ExerciseFailed(AssertionError):
     """The learner's function gave a different answer (the message says where)."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
 
 
 @dataclass
