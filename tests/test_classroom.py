@@ -46,7 +46,7 @@ def exercise_cells(nb) -> list[tuple[str, int, int]]:
     """(name, index of the stub/solution cell, index of the check cell) for each exercise."""
     found = []
     for i, cell in enumerate(nb.cells):
-        if student_edition.is_check_cell(cell):
+        if student_edition.is_check_cell(cell) and cell.metadata.get("nbgrader", {}).get("grade_id") != "capstone_check":
             m = CHECK_RE.fullmatch(cell.source.strip())
             name = m.group(1) if m else None
             stub = next((j for j in range(i - 1, -1, -1) if nb.cells[j].cell_type == "code"), None)

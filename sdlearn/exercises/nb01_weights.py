@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import functools
 import json
+import math
 import shutil
 import struct
 import tempfile
@@ -227,3 +228,55 @@ register(Exercise(
                       "matching block.", _first_prefix_without_dot)],
     hint="find the rule whose original block (second entry) starts the key at a dot, put the rule's sdlearn "
          "block in its place, rename the start of the rest with the inner pairs; no rule: return None."))
+
+
+# ------------------------------------------------------------------ parameters from the header
+
+def _count_reference(header: dict, prefix: str) -> int:
+    """Parameters of the tensors whose key starts with `prefix`: the product of each shape."""
+    return sum(math.prod(e["shape"]) for k, e in header.items() if k != "__metadata__" and k.startswith(prefix))
+
+
+def _count_cases() -> list[Case]:
+    header = {"__metadata__": {"format": "pt"},
+              "model.diffusion_model.conv_in.weight": {"dtype": "F16", "shape": [320, 4, 3, 3], "data_offsets": [0, 23040]},
+              "model.diffusion_model.conv_in.bias": {"dtype": "F16", "shape": [320], "data_offsets": [23040, 23680]},
+              "model.diffusion_model.scale": {"dtype": "F32", "shape": [], "data_offsets": [23680, 23684]},
+              "first_stage_model.decoder.conv_in.weight": {"dtype": "F32", "shape": [512, 4, 3, 3], "data_offsets": [23684, 97412]},
+              "model.diffusion_model_ema.decay": {"dtype": "F32", "shape": [], "data_offsets": [97412, 97416]}}
+    return [Case("a small header, prefix 'model.diffusion_model.'", (header, "model.diffusion_model.")),
+            Case("the same header, prefix 'first_stage_model.'", (header, "first_stage_model.")),
+            Case("the same header, a prefix no key has", (header, "cond_stage_model.")),
+            Case("the same header, prefix '' (every tensor)", (header, ""))]
+
+
+def _count_tensors(header, prefix):
+    return sum(1 for k in header if k != "__metadata__" and k.startswith(prefix))
+
+
+def _count_bytes(header, prefix):
+    return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()
+               if k != "__metadata__" and k.startswith(prefix))
+
+
+def _count_summed_dims(header, prefix):
+    return sum(sum(e["shape"]) for k, e in header.items() if k != "__metadata__" and k.startswith(prefix))
+
+
+def _count_scalars_as_zero(header, prefix):
+    return sum(math.prod(e["shape"]) if e["shape"] else 0 for k, e in header.items()
+               if k != "__metadata__" and k.startswith(prefix))
+
+
+register(Exercise(
+    name="parameter_count", notebook="01_weights",
+    reference=_count_reference, cases=_count_cases,
+    mistakes=[Mistake("that is the number of tensors; a tensor holds as many parameters as the product of "
+                      "its shape.", _count_tensors),
+              Mistake("that counts bytes (the data_offsets span); parameters are elements: the product of "
+                      "the shape, whatever the dtype.", _count_bytes),
+              Mistake("a tensor's element count is the product of its dimensions, not their sum "
+                      "(math.prod(shape)).", _count_summed_dims),
+              Mistake("a scalar (shape []) holds one number: math.prod([]) is 1.", _count_scalars_as_zero)],
+    hint="skip the '__metadata__' entry, keep the keys that start with the prefix, and add up "
+         "math.prod(entry['shape']) over them."))

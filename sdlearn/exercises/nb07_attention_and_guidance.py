@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import attention, attention_maps
+from .. import attention, attention_maps, widgets
 from .core import Case, Exercise, Mistake, register
 
 # ------------------------------------------------------------- cross-attention probabilities
@@ -154,3 +154,49 @@ register(Exercise(
     hint="at each pixel, compare the words' scaled maps and keep the index of the largest; the answer is "
          "an (H, W) tensor of integers.",
     atol=0, rtol=0))
+
+
+# ------------------------------------------------------------------ a map's mass inside a box
+
+def _mass_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(11)
+    heat = torch.rand(8, 8, generator=g) ** 3
+    box = torch.zeros(8, 8, dtype=torch.bool)
+    box[1:4, 2:7] = True
+    peaked = torch.zeros(16, 16)
+    peaked[3, 4], peaked[10, 12] = 3.0, 1.0
+    corner = torch.zeros(16, 16, dtype=torch.bool)
+    corner[:8, :8] = True
+    return [Case("a random 8×8 map and a 3×5 box", (heat, box)),
+            Case("two peaks (3 inside, 1 outside) on 16×16, the top-left quarter", (peaked, corner)),
+            Case("a uniform 8×8 map and the same 3×5 box", (torch.full((8, 8), 0.25), box))]
+
+
+def _box_area(heat, region):
+    return region.float().mean().item()
+
+
+def _mean_inside(heat, region):
+    return heat[region].mean().item()
+
+
+def _max_ratio(heat, region):
+    return (heat[region].max() / heat.max()).item()
+
+
+def _normalised_by_outside(heat, region):
+    return (heat[region].sum() / heat[~region].sum()).item()
+
+
+register(Exercise(
+    name="mass_inside", notebook="07_attention_and_guidance",
+    reference=lambda heat, region: widgets.mass_inside(heat, region), cases=_mass_cases,
+    mistakes=[Mistake("that is the box's share of the picture, whatever the map; weigh each pixel by the map.",
+                      _box_area),
+              Mistake("that is the map's mean value inside the box; the question is what fraction of the "
+                      "map's total lies inside.", _mean_inside),
+              Mistake("that compares the peaks; add up the map inside the box and divide by the whole map's sum.",
+                      _max_ratio),
+              Mistake("divide by the whole map's sum, not by the part outside the box.", _normalised_by_outside)],
+    hint="heat[region].sum() / heat.sum(): 1 when all of the map is inside, the box's area share when the "
+         "map is uniform."))
