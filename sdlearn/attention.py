@@ -15,6 +15,7 @@ one empty-list check.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -93,6 +94,18 @@ class AttentionRecorder:
 
     def __exit__(self, *exc) -> None:
         _active.remove(self)
+
+
+@contextmanager
+def recording_paused():
+    """No recorder sees the attention layers run inside the block (a model run for bookkeeping,
+    such as counting FLOPs on the meta device, must not add to the maps being recorded)."""
+    paused = _active[:]
+    _active.clear()
+    try:
+        yield
+    finally:
+        _active[:] = paused
 
 
 def tag_attention_layers(model: torch.nn.Module) -> None:

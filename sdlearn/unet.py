@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .attention import attention, tag_attention_layers
+from .attention import attention, recording_paused, tag_attention_layers
 from .configs import UNetConfig
 
 
@@ -401,7 +401,7 @@ def flops_per_call(config: UNetConfig, batch: int = 2) -> int:
     once per config. The tiny model: 0.44 GFLOP; SD v1.5: 1,607 GFLOP.
     """
     side = config.sample_size
-    with torch.device("meta"):
+    with torch.device("meta"), recording_paused():
         unet = UNet(config)
         with FlopCounterMode(display=False) as counter:
             unet(torch.zeros(batch, config.in_channels, side, side), torch.zeros(batch),

@@ -136,3 +136,14 @@ def test_under_load_bench_runs_and_keeps_the_tiny_model_within_3x(capsys):
     if report.others is None or report.others > under_load.QUIET_CORES:
         pytest.skip(f"machine not quiet enough to judge the 3× bound (others: {report.others})")
     assert report.ok, report.text
+
+
+def test_counting_flops_inside_a_recorder_records_nothing():
+    """flops_per_call runs a meta-device UNet; an attention recorder active around generate
+    (as widgets.attention_over_steps has one) must not receive its meta tensors."""
+    from sdlearn.attention_maps import CrossAttentionMaps
+    config = UNetConfig(**{**UNetConfig().__dict__, "sample_size": 7})      # a config not counted yet
+    maps = CrossAttentionMaps()
+    with maps:
+        flops_per_call(config)
+    assert maps.count == 0 and not maps.sums
