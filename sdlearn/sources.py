@@ -170,14 +170,10 @@ def metadata_defaults(metadata: dict[str, str], name: str = "checkpoint") -> dic
 def read_vocabulary(metadata: dict[str, str], name: str = "checkpoint") -> dict | None:
     """The words and grammar a model was trained on, from its `sdlearn_vocabulary` metadata
     (JSON {"words": [...], "grammar": [...]}), for models that know nothing else (the tiny one);
-    None for a general model. A tiny model exported before that entry existed carries
-    `sdlearn_training` instead: it was trained on `sdlearn.shapes`, whose words are used."""
+    None for a general model."""
     raw = metadata.get("sdlearn_vocabulary")
     if raw is None:
-        if "sdlearn_training" not in metadata:
-            return None
-        from . import shapes     # only for such files: the dataset module is not needed otherwise
-        return {"words": shapes.vocabulary(), "grammar": list(shapes.GRAMMAR)}
+        return None
     try:
         d = json.loads(raw)
         if not (isinstance(d.get("words"), list) and isinstance(d.get("grammar"), list)

@@ -287,7 +287,10 @@ def test_nbgrader_generates_the_assignment_from_every_notebook_with_exercises(tm
         from nbgrader.api import Gradebook
         with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
             notebook = gb.find_notebook(path.stem, "series")
-            assert notebook.max_score == len(exercise_cells(mine)), path.name
+            # one point per exercise, plus the capstone's own graded cell (notebook 06) at its points
+            capstone = sum(c.metadata["nbgrader"].get("points", 0) for c in mine.cells
+                           if c.metadata.get("nbgrader", {}).get("grade_id") == "capstone_check")
+            assert notebook.max_score == len(exercise_cells(mine)) + capstone, path.name
 
 
 @pytest.mark.full
