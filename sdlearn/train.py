@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm          # a text bar: it reads the same in a terminal, a log and a saved notebook
 
 from . import analyser, shapes
 from .clip import CLIPTextModel
@@ -185,8 +185,10 @@ def _fit(stage: str, model: nn.Module, loss_fn: Callable, s: Settings, dist: Dis
                                    "settings": dataclasses.asdict(s), "config": config.to_dict()})
         dist.barrier()
 
+    # In a terminal the bar redraws ten times a second; into a file or a notebook, once every
+    # 2 s, so a saved log or notebook holds a few lines of it, not thousands.
     bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc=stage, disable=not dist.main,
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 2.0)
     tick, last = time.perf_counter(), start
     model.train()
     for step in bar:
@@ -209,7 +211,7 @@ def _fit(stage: str, model: nn.Module, loss_fn: Callable, s: Settings, dist: Dis
             tick, last = now, done
             if dist.main:
                 append_log(out, record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         if done % s.checkpoint_every == 0 or done == s.steps:
             checkpoint(done)
         if evaluate is not None and ((s.eval_every and done % s.eval_every == 0) or done == s.steps):
