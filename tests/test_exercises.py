@@ -176,3 +176,27 @@ def test_a_tensor_where_a_number_is_expected_is_named():
     from sdlearn.exercises.core import difference
     assert "expected a single number" in difference(torch.ones(4), 1.0, 1e-6, 1e-6)
     assert difference(torch.tensor(1.0), 1.0, 1e-6, 1e-6) is None
+
+
+def test_a_saved_answer_keeps_the_modules_it_uses(tmp_path, monkeypatch):
+    """An answer written with numpy (imported as np in the notebook) still runs from my_sd/."""
+    monkeypatch.setenv(exercises.core.ENV_FOLDER, str(tmp_path / "my_sd"))
+    source = tmp_path / "learner_np.py"
+    source.write_text("import math\nimport numpy as np\nimport torch\n\n\n"
+                      "def timestep_embedding(t, dim):\n"
+                      "    half = dim // 2\n"
+                      "    f = torch.from_numpy(np.exp(-math.log(10000) * np.arange(half) / half)).float()\n"
+                      "    a = t[:, None].float() * f\n"
+                      "    return torch.cat([a.cos(), a.sin()], dim=-1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import learner_np
+    exercises.check("timestep_embedding", learner_np.timestep_embedding)
+    saved = (tmp_path / "my_sd" / "timestep_embedding.py").read_text()
+    assert "import numpy as np" in saved and saved.count("import math") == 1
+    t = torch.tensor([5, 600])
+    assert torch.equal(exercises.load_saved()["timestep_embedding"](t, 32), learner_np.timestep_embedding(t, 32))
+
+
+def test_a_wrong_shape_gets_no_general_hint_about_values():
+    message = exercises.run_check("timestep_embedding", lambda t, dim: torch.zeros(len(t), dim + 1)).message
+    assert "has shape (4, 321)" in message and "Hint" not in message

@@ -29,6 +29,7 @@ import inspect
 import math
 import os
 import textwrap
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -195,6 +196,11 @@ def _same(ex: Exercise, got: Any, expected: Any) -> str | None:
     return difference(got, expected, ex.atol, ex.rtol)
 
 
+def _is_form(diff: str) -> bool:
+    """Whether a `difference` sentence is about the answer's form (type, shape, dtype, device)."""
+    return any(k in diff for k in (" has shape ", " has dtype ", " is on ", "; expected a "))
+
+
 def diagnose(ex: Exercise, fn: Callable, case: Case, got: Any) -> str:
     """The hint of the first planted mistake that reproduces `got` on `case`, else the general one."""
     for mistake in ex.mistakes:
@@ -238,6 +244,8 @@ def run_check(name: str, fn: Callable | None) -> Report:
         diff = _same(ex, got, expected)
         if diff is not None:
             hint = diagnose(ex, fn, case, got)
+            if hint == ex.hint and _is_form(diff):
+                hint = ""          # a wrong type or shape says enough; the general hint is about values
             return Report(name, False, f"{name}: for {case.label}, {diff}." + (f" Hint: {hint}" if hint else ""))
         largest = max(largest, _largest(got, expected))
     tail = f" (largest difference {largest:.2g})" if largest else ""
@@ -281,9 +289,15 @@ def save_source(name: str, fn: Callable) -> Path | None:
     folder = saved_folder()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.py"
+    # The modules the function uses by a global name (np, F, math, …), imported under that name;
+    # helper functions of the notebook are not saved: write the answer self-contained.
+    modules = {n: v.__name__ for n, v in getattr(fn, "__globals__", {}).items()
+               if n in fn.__code__.co_names and isinstance(v, types.ModuleType)
+               and (n, v.__name__) not in {("math", "math"), ("torch", "torch"), ("F", "torch.nn.functional")}}
+    imports = "".join(f"import {m}\n" if m == n else f"import {m} as {n}\n" for n, m in sorted(modules.items()))
     header = (f'"""Your {name}, saved by sdlearn.exercises.check when it passed. Edit it in the notebook,\n'
               f'not here: the next right answer replaces this file."""\n'
-              "import math\n\nimport torch\nimport torch.nn.functional as F\n\n")
+              "import math\n\nimport torch\nimport torch.nn.functional as F\n" + imports + "\n")
     path.write_text(header + source.replace(f"def {fn.__name__}(", f"def {name}(", 1))
     return path
 
