@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import fast_cpu
+from . import fast_cpu, lora
 from .attention_maps import CrossAttentionMaps, word_maps
 from .configs import ModelConfig
 from .device import choose_threads, default_dtype, randn, resolve_device, using_threads
@@ -212,6 +212,17 @@ class Pipeline:
         the count you set, or one for a UNet too small to gain from more (the tiny model), or
         all of torch's (SD v1.5). torch's own count is restored when `generate` returns."""
         return choose_threads(flops_per_call(self.unet.config) if self.device.type == "cpu" else None)
+
+    # -- LoRA (sdlearn/lora.py) ---------------------------------------------------------------
+
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> "lora.Loaded":
+        """Fuse a kohya or diffusers/PEFT LoRA file into the UNet and text encoder:
+        W ← W + scale·(α/r)·up@down. Several add up; `unload_lora` restores the weights exactly."""
+        return lora.load(self, path, scale)
+
+    def unload_lora(self) -> int:
+        """Remove every loaded LoRA (the original weights back, bit for bit); returns the layer count."""
+        return lora.unload(self)
 
     # -- text → image -------------------------------------------------------------------------
 
