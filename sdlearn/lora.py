@@ -56,7 +56,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
+from .checkpoint import _open_tensor_file
 from .layouts import to_original_key, unet_block_rules
 from .safetensors_file import CheckpointError
 
@@ -166,7 +168,6 @@ def peft_module(name: str) -> tuple[str, str] | None:
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A .safetensors file (memory-mapped) or a .pt/.bin/.ckpt (weights_only) → (tensors, metadata)."""
-    from .checkpoint import _open_tensor_file    # checkpoint imports the model classes; lora needs only this
     path = Path(path).expanduser()
     if not path.is_file():
         raise LoRAError(f"{path}: no such file; expected a LoRA .safetensors (or .pt) file")
@@ -275,6 +276,13 @@ def check_family(lora: LoRAFile, pipe) -> None:
                             f"and this pipeline's text encoder has {te_layers} layers")
 
 
+def fits(weight: tuple[int, ...], update: tuple[int, ...]) -> bool:
+    """Does an update of shape (out, in[, k, k]) fit a weight? Equal shapes, or a linear one and a
+    1×1 conv one of the same sizes (files store proj_in / proj_out either way)."""
+    strip = lambda shape: shape[:2] if shape[2:] == (1, 1) else shape
+    return weight == update or strip(weight) == strip(update)
+
+
 def resolve(lora: LoRAFile, pipe) -> dict[tuple[str, str], LoRALayer]:
     """The file's layers under the pipeline's names: {(component, module name): LoRALayer}, every
     shape checked against the weight it will change."""
@@ -288,12 +296,11 @@ def resolve(lora: LoRAFile, pipe) -> dict[tuple[str, str], LoRALayer]:
             raise LoRAError(f"{lora.name}: this model has no layer {file_module!r} "
                             f"(is the file for another model? this pipeline is {describe(pipe)})")
         weight = modules[target[1]].weight
-        expected = (weight.shape[0], *weight.shape[1:])
-        got = (layer.up.shape[0], *layer.down.shape[1:])
         if layer.up.shape[1] != layer.rank:
             raise LoRAError(f"{lora.name}: {file_module} has a rank mismatch: down {tuple(layer.down.shape)} "
                             f"(rank {layer.rank}) but up {tuple(layer.up.shape)} (rank {layer.up.shape[1]})")
-        if weight.numel() != layer.up.shape[0] * layer.down[0].numel() or (weight.dim() == 4 and got != expected):
+        got = (layer.up.shape[0], *layer.down.shape[1:])
+        if not fits(tuple(weight.shape), got):
             raise LoRAError(f"{lora.name}: {file_module} makes a {list(got)} update but {target[1]} is "
                             f"{list(weight.shape)}: the file is for another model (this pipeline is {describe(pipe)})")
         out[target] = layer
@@ -336,7 +343,9 @@ def apply(pipe, layers: dict[tuple[str, str], LoRALayer], scale: float = 1.0) ->
     """Fuse already resolved layers into the pipeline's weights (`resolve`, `lora_delta`, `fuse`)."""
     with torch.no_grad():
         for (comp, module), layer in layers.items():
-            fuse(getattr(pipe, comp), module, lora_delta(layer.down, layer.up, layer.alpha, scale))
+            model = getattr(pipe, comp)
+            device = model.get_submodule(module).weight.device     # ΔW computed where the weight lives
+            fuse(model, module, lora_delta(layer.down.to(device), layer.up.to(device), layer.alpha, scale))
 
 
 def load(pipe, path: str | os.PathLike, scale: float = 1.0) -> Loaded:
@@ -368,8 +377,6 @@ def save_kohya(path: str | os.PathLike, layers: dict[tuple[str, str], LoRALayer]
                metadata: dict[str, str] | None = None) -> Path:
     """Write {(component, module): LoRALayer} as a kohya / web-UI file (lora_unet_…, lora_te_…,
     .lora_down.weight, .lora_up.weight, .alpha), float32. Refuses to overwrite."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists; remove it first or choose another name")

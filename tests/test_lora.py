@@ -31,6 +31,7 @@ THREADS = torch.get_num_threads()
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
+    """Tiny models gain nothing from a second thread (tests/test_pipeline.py says why)."""
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(THREADS)
@@ -170,6 +171,11 @@ def test_conv_delta_equals_the_two_convolutions_it_replaces():
     side = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, down, padding=1), up)
     fused = torch.nn.functional.conv2d(x, lora.lora_delta(down, up, alpha=None), padding=1)
     assert rel_err(fused, side) < 1e-5
+
+
+def test_linear_updates_fit_1x1_convs_and_nothing_else():
+    assert lora.fits((64, 32, 1, 1), (64, 32)) and lora.fits((64, 32), (64, 32, 1, 1)) and lora.fits((8, 4, 3, 3), (8, 4, 3, 3))
+    assert not lora.fits((64, 32, 3, 3), (64, 32)) and not lora.fits((64, 32), (32, 64))
 
 
 def test_kohya_names_are_module_names_with_underscores_also_in_the_original_layout(ours):
