@@ -220,6 +220,16 @@ def _nearest_position(x: float, y: float) -> str:
     return min(POSITIONS, key=lambda p: (POSITIONS[p][0] - x) ** 2 + (POSITIONS[p][1] - y) ** 2)
 
 
+def _against_background(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Step 1 of reading a picture a (H, W, 3) float: the background colour (median of the 2-pixel
+    border), each pixel's difference from it (H, W, 3) and distance (H, W), and the floor below
+    which a distance is background."""
+    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3), a[:, -2:].reshape(-1, 3)])
+    bg = np.median(border, axis=0)
+    diff = a - bg
+    return bg, diff, np.linalg.norm(diff, axis=-1), max(MIN_CONTRAST, NOISE_FACTOR * _pixel_noise(a))
+
+
 def find_blobs(image) -> list[dict[str, Any]]:
     """Every blob of at least STRAY_PIXELS in a picture, largest first (the steps: module docstring).
 
@@ -229,11 +239,7 @@ def find_blobs(image) -> list[dict[str, Any]]:
     """
     a = to_uint8(image).astype(np.float32)
     h, w, _ = a.shape
-    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3), a[:, -2:].reshape(-1, 3)])
-    bg = np.median(border, axis=0)
-    diff = a - bg
-    dist = np.linalg.norm(diff, axis=-1)
-    floor = max(MIN_CONTRAST, NOISE_FACTOR * _pixel_noise(a))
+    bg, diff, dist, floor = _against_background(a)
     labels = _components((dist > floor) & ~_valleys(diff, dist, VALLEY_RADIUS, floor))
     territory = _grow(labels, TERRITORY)
     threshold = (SIZES["small"] + SIZES["large"]) / 2 * max(h, w)
@@ -447,3 +453,39 @@ def pair_alignment(pipe, *, guidance: float = 5.0, steps: int | None = None, sam
     prompts = pair_prompts() if prompts is None else list(prompts)
     pixels = _generate(pipe, prompts, guidance, steps, sampler, seed)
     return score_pairs(list(pixels), prompts), pixels
+
+
+# ----------------------------------------------------------------------------------- outlined or filled
+
+OUTLINED = 0.2   # hollowness above which a shape counts as drawn in outline (filled ≈ 0, outlines 0.3–0.6)
+
+
+def hollowness(image) -> float | None:
+    """How hollow the largest shape is: the share of the area its outline encloses that is not
+    painted. A filled shape ≈ 0; an outline of `shapes.draw(…, style="outline")` 0.3–0.6 (triangles,
+    whose inside is smallest, least). None if the picture shows no shape.
+
+    The shape's pixels are those of the largest foreground component (step 1–3 of the module
+    docstring, without valleys) with more than half its own contrast; its holes are the other
+    pixels that no path of such other pixels connects to the picture's edge."""
+    a = to_uint8(image).astype(np.float32)
+    _, _, dist, floor = _against_background(a)
+    labels = _components(dist > floor)
+    if not labels.any():
+        return None
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    region = labels == ids[counts.argmax()]
+    if region.sum() < MIN_PIXELS:
+        return None
+    core = region & (dist >= np.median(dist[region]))
+    painted = region & (dist > 0.5 * np.median(dist[core]))
+    rest = _components(~painted)
+    edge = np.unique(np.concatenate([rest[0], rest[-1], rest[:, 0], rest[:, -1]]))
+    holes = (rest > 0) & ~np.isin(rest, edge)
+    return float(holes.sum() / (holes.sum() + painted.sum()))
+
+
+def outlined(image) -> bool:
+    """Is the largest shape drawn in outline (hollowness > OUTLINED)?"""
+    h = hollowness(image)
+    return h is not None and h > OUTLINED

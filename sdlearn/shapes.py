@@ -111,12 +111,20 @@ def _polygon(shape: str, cx: float, cy: float, e: float) -> list[tuple[float, fl
     return None
 
 
+STYLES = ("filled", "outline")
+OUTLINE_WIDTH = 0.16     # the outline style's line width / the shape's extent (2.5 px small, 4.3 px large)
+
+
 def draw(shapes: Sequence[dict[str, Any]], background: str | tuple[int, int, int],
-         size: int = SIZE) -> np.ndarray:
+         size: int = SIZE, style: str = "filled") -> np.ndarray:
     """Render shapes (dicts with colour, shape, cx, cy, extent in pixels) → uint8 (size, size, 3).
 
     Drawn at SUPERSAMPLE× the resolution and box-filtered down, so edges are anti-aliased.
+    style="outline" draws only each shape's outline, OUTLINE_WIDTH × its extent thick, inside
+    the same bounding box (a style the tiny model never saw: what the LoRA of notebook 09 learns).
     """
+    if style not in STYLES:
+        raise ValueError(f"style={style!r}: expected one of {STYLES}")
     bg = BACKGROUNDS[background] if isinstance(background, str) else background
     k = SUPERSAMPLE
     canvas = Image.new("RGB", (size * k, size * k), bg)
@@ -124,11 +132,12 @@ def draw(shapes: Sequence[dict[str, Any]], background: str | tuple[int, int, int
     for s in shapes:
         rgb = COLOURS[s["colour"]] if isinstance(s["colour"], str) else s["colour"]
         cx, cy, e = s["cx"] * k, s["cy"] * k, s["extent"] * k
+        paint = {"fill": rgb} if style == "filled" else {"outline": rgb, "width": max(1, round(OUTLINE_WIDTH * e))}
         corners = _polygon(s["shape"], cx, cy, e)
         if corners is None:
-            pen.ellipse([cx - e / 2, cy - e / 2, cx + e / 2, cy + e / 2], fill=rgb)
+            pen.ellipse([cx - e / 2, cy - e / 2, cx + e / 2, cy + e / 2], **paint)
         else:
-            pen.polygon(corners, fill=rgb)
+            pen.polygon(corners, **paint)
     return np.array(canvas.resize((size, size), Image.BOX))
 
 

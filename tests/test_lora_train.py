@@ -1,0 +1,124 @@
+"""The outline style (shapes.draw(style="outline"), analyser.hollowness), training a LoRA on the
+tiny model (sdlearn/lora_train.py), and the shipped outline LoRA: loaded by diffusers too, and
+it outlines the shapes it draws."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sdlearn
+from checkpoints import diffusers_pipeline
+from reference import rel_err
+from sdlearn import analyser, lora, lora_train, shapes
+from sdlearn.sources import resolve_source
+
+import test_lora
+
+one_thread = test_lora.one_thread       # the autouse fixture: one thread, as for every tiny-model test
+
+OUTLINE_LORA = resolve_source("tiny").parent / "lora_outline.safetensors"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return sdlearn.load_pipeline("tiny", device="cpu")
+
+
+def test_outline_style_draws_the_same_shape_hollow_in_the_same_place():
+    share = []
+    for i in range(20):
+        s = shapes.sample(4, i, two_shapes=0.3)
+        a = s.attributes
+        filled = shapes.draw(a["shapes"], a["background"])
+        outline = shapes.draw(a["shapes"], a["background"], style="outline")
+        assert np.array_equal(filled, s.image)                          # the default is unchanged
+        bg = np.array(shapes.BACKGROUNDS[a["background"]])
+        painted = lambda im: np.abs(im.astype(int) - bg).sum(-1) > 30
+        assert (painted(outline) & ~painted(filled)).sum() <= 2          # inside the filled shape only
+        assert painted(outline).sum() < 0.9 * painted(filled).sum()      # and not all of it
+        share.append(painted(outline).sum() / painted(filled).sum())
+        assert analyser.analyse(outline)["position"] == a["shapes"][0]["position"] or len(a["shapes"]) == 2
+    assert np.mean(share) < 0.7
+    with pytest.raises(ValueError, match="outline"):
+        shapes.draw([], "white", style="dotted")
+
+
+def test_hollowness_tells_outlines_from_filled_shapes():
+    samples = [shapes.sample(9, i) for i in range(60)]
+    filled = [analyser.hollowness(s.image) for s in samples]
+    outlines = [analyser.hollowness(shapes.draw(s.attributes["shapes"], s.attributes["background"], style="outline"))
+                for s in samples]
+    assert max(filled) < 0.05 and min(outlines) > analyser.OUTLINED
+    assert analyser.hollowness(np.full((64, 64, 3), 200, np.uint8)) is None and not analyser.outlined(
+        np.full((64, 64, 3), 200, np.uint8))
+
+
+def test_a_fresh_lora_is_the_model_itself_and_only_its_factors_learn(pipe):
+    layers = lora_train.init_layers(pipe.unet, rank=2)
+    assert {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", "mid_block.attentions.0.proj_in",
+            "up_blocks.1.resnets.0.conv2"} <= set(layers) and not any("time_emb" in n or "ff." in n for n in layers)
+    fused = lora_train.fused_weights(pipe.unet, layers)
+    # up = 0, so ΔW = 0 exactly and W + 0 = W: equal by construction, on any CPU
+    assert all(torch.equal(w, pipe.unet.get_submodule(k.removesuffix(".weight")).weight) for k, w in fused.items())
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    z0, context = torch.randn(2, 4, 8, 8), pipe.encode_prompts(["a red circle", "a blue square"]).detach()
+    loss = lora_train.training_step(pipe.unet, layers, z0, context, lora_train.NoiseSchedule.scaled_linear(),
+                                    torch.Generator().manual_seed(0))
+    loss.backward()
+    assert all(l.up.grad is not None and l.up.grad.abs().sum() > 0 for l in layers.values())
+    assert all(torch.equal(v, before[k]) and not v.requires_grad for k, v in pipe.unet.state_dict().items())
+
+
+def test_training_lowers_the_loss(pipe):
+    layers, log = lora_train.train(pipe, images=32, steps=40, batch=8, rank=2, log_every=0)
+    first, last = np.mean(log["losses"][:10]), np.mean(log["losses"][-10:])
+    assert set(c for c, _ in layers) == {"unet"} and log["steps"] == 40
+    assert last < first, (first, last)
+
+
+# ---- the shipped outline LoRA --------------------------------------------------------------------
+
+needs_file = pytest.mark.skipif(not OUTLINE_LORA.exists(), reason="the outline LoRA is not in this checkout")
+
+
+@needs_file
+def test_shipped_outline_lora_is_small_and_in_the_kohya_format():
+    assert OUTLINE_LORA.stat().st_size < 1_000_000
+    f = lora.read(OUTLINE_LORA)
+    assert f.format == "kohya" and all(k.startswith("lora_unet_") for k in f.layers)
+
+
+@needs_file
+def test_diffusers_loads_the_shipped_lora_and_agrees(pipe):
+    """A diffusers pipeline holding the tiny model's weights, the LoRA loaded by its own loader."""
+    ref = diffusers_pipeline(pipe.config)
+    ref.unet.load_state_dict(pipe.unet.state_dict(), strict=True)
+    ref.text_encoder.load_state_dict({k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()},
+                                     strict=False)
+    ref.load_lora_weights(str(OUTLINE_LORA), adapter_name="outline")
+    ref.set_adapters(["outline"], [0.8])
+    context = pipe.encode_prompts(["a red circle on the left", "a small blue square at the top"])
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([50, 600])
+    with torch.no_grad():
+        plain = pipe.unet(x, t, context)
+        pipe.load_lora(OUTLINE_LORA, scale=0.8)
+        try:
+            ours = pipe.unet(x, t, context)
+        finally:
+            pipe.unload_lora()
+        theirs = ref.unet(x, t, encoder_hidden_states=context).sample
+    assert rel_err(ours, theirs) < 1e-4 and rel_err(plain, theirs) > 1e-2
+
+
+@needs_file
+def test_shipped_lora_outlines_shapes_and_keeps_colour_and_position(pipe):
+    prompts = shapes.grammar_prompts()[1::4]           # 27 prompts: every colour, shape and position
+    without = lora_train.outline_scores(pipe, prompts, seed=1)
+    pipe.load_lora(OUTLINE_LORA)
+    try:
+        with_lora = lora_train.outline_scores(pipe, prompts, seed=1)
+    finally:
+        pipe.unload_lora()
+    assert without["outlined"] <= 0.1 and with_lora["outlined"] >= 0.5, (without, with_lora)
+    assert with_lora["position"] >= without["position"] - 0.15 and with_lora["colour"] >= without["colour"] - 0.25
