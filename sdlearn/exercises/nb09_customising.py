@@ -1,0 +1,63 @@
+"""Notebook 09 (customising): spherical interpolation of starting noise, …"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..interpolation import slerp as _slerp
+from .core import Case, Exercise, Mistake, register
+
+
+# ------------------------------------------------------------------------------------- slerp
+
+def _slerp_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    c = torch.randn(2, 3, generator=g)
+    d = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    return [Case("a, b two noises (1, 4, 8, 8), t = 0.5", (a, b, 0.5)),
+            Case("a, b two noises (1, 4, 8, 8), t = 0.2", (a, b, 0.2)),
+            Case("a, b of different norms (3·a and b), t = 0.7", (3 * a, b, 0.7)),
+            Case("a, b (2, 3) treated as one vector of 6 numbers, t = 0.3", (c, torch.randn(2, 3, generator=g), 0.3)),
+            Case("a = [[1, 0], [0, 1]], b = its negative rotation [[0, 1], [-1, 0]], t = 0.25",
+                 (d, torch.tensor([[0.0, 1.0], [-1.0, 0.0]]), 0.25)),
+            Case("a, b (1, 4, 8, 8), t = 0 (must give a)", (a, b, 0.0)),
+            Case("a, b (1, 4, 8, 8), t = 1 (must give b)", (a, b, 1.0))]
+
+
+def _slerp_written(a, b, t, *, swap=False, normalise=True, degrees=False):
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    dot = a64 @ b64
+    cos = dot / (a64.norm() * b64.norm()) if normalise else dot
+    theta = torch.arccos(cos.clamp(-1, 1))
+    if degrees:
+        theta = theta * 180 / math.pi
+    wa, wb = torch.sin((1 - t) * theta) / torch.sin(theta), torch.sin(t * theta) / torch.sin(theta)
+    if swap:
+        wa, wb = wb, wa
+    return (wa * a64 + wb * b64).reshape(a.shape).to(a.dtype)
+
+
+register(Exercise(
+    name="slerp", notebook="09_customising",
+    reference=lambda a, b, t: _slerp(a, b, t),
+    cases=_slerp_cases,
+    mistakes=[
+        Mistake("that is the straight line (1 − t)·a + t·b; slerp walks along the circle: weights "
+                "sin((1 − t)θ)/sin θ and sin(tθ)/sin θ, with θ the angle between a and b.",
+                lambda a, b, t: (1 - t) * a + t * b),
+        Mistake("the two weights are swapped: at t = 0 the answer must be a, so a's weight is "
+                "sin((1 − t)θ)/sin θ.",
+                lambda a, b, t: _slerp_written(a, b, t, swap=True)),
+        Mistake("θ must come from the cosine of the angle, ⟨a, b⟩ / (‖a‖·‖b‖); you took arccos of the "
+                "plain dot product.",
+                lambda a, b, t: _slerp_written(a, b, t, normalise=False)),
+        Mistake("torch.sin and torch.arccos work in radians; no conversion to degrees.",
+                lambda a, b, t: _slerp_written(a, b, t, degrees=True)),
+        Mistake("you normalised the result to unit length (or a and b first); slerp keeps the inputs' "
+                "lengths: use a and b as they are, only θ uses their directions.",
+                lambda a, b, t: _slerp(a / a.norm(), b / b.norm(), t))],
+    hint="flatten both to vectors, θ = arccos(⟨a, b⟩ / (‖a‖‖b‖)), then sin((1 − t)θ)/sin θ · a + "
+         "sin(tθ)/sin θ · b, reshaped back to a's shape.",
+    atol=1e-5, rtol=1e-4))
