@@ -54,10 +54,12 @@ from .configs import ModelConfig
 from .device import choose_threads, default_dtype, randn, resolve_device, using_threads
 from .images import to_pil
 from .preview import LatentPreview, fitting_images
+from .prompt_syntax import check_syntax
 from .request import make_request, per_image
 from .samplers import get_sampler, sample_loop
 from .tokenizer import CLIPTokenizer, default_tokenizer
 from .unet import flops_per_call
+from .weighted_text import encode_weighted
 from .checkpoint import COMPONENTS, load_component, open_checkpoint
 from .sources import SD15_DEFAULTS, read_defaults, read_preview, read_vocabulary, resolve_source
 
@@ -215,9 +217,14 @@ class Pipeline:
 
     # -- text → image -------------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: list[str], negatives: list[str] | None = None) -> torch.Tensor:
-        """CLIP's last hidden states: (B, 77, width), or (2B, 77, width) for [negatives, prompts]."""
+    def encode_prompts(self, prompts: list[str], negatives: list[str] | None = None,
+                       prompt_syntax: str | None = None) -> torch.Tensor:
+        """CLIP's last hidden states: (B, 77, width), or (2B, 77, width) for [negatives, prompts].
+        prompt_syntax: None (plain text), "compel" or "a1111" (sdlearn.weighted_text): weights,
+        and prompts longer than 75 tokens in chunks, (B, 77·chunks, width)."""
         texts = prompts if negatives is None else list(negatives) + list(prompts)
+        if check_syntax(prompt_syntax) is not None:
+            return encode_weighted(self.tokenizer, self.text_encoder, texts, prompt_syntax)
         return self.text_encoder(self.tokenizer(texts).to(self.device))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -231,7 +238,7 @@ class Pipeline:
                  width: int | None = None, eta: float = 0.0, callback: Callable | None = None, image=None,
                  strength: float = 0.8, mask=None, num_images: int = 1, karras: bool = False,
                  steps_offset: int | None = None, attention_maps: bool = False,
-                 progress: bool = True) -> GenerationResult:
+                 progress: bool = True, prompt_syntax: str | None = None) -> GenerationResult:
         """Prompt(s) → images. See the module docstring for the algorithm.
 
         prompt           a string, or a list of strings (one image each)
@@ -258,11 +265,18 @@ class Pipeline:
                          (50 steps: 981 … 1). 1000 steps need 0 (the whole chain 999 … 0)
         attention_maps   also return per-word cross-attention maps (result.attention_maps)
         progress         show a tqdm progress bar
+        prompt_syntax    None: plain text (parentheses are text, as in diffusers); "compel": the
+                         compel library's word+, (words)1.3, .blend(), .and(); "a1111": the web
+                         UI's (word:1.3), (word), [word], BREAK. Both take prompts longer than 75
+                         tokens in chunks (sdlearn.prompt_syntax, sdlearn.weighted_text)
 
         It runs on `pipe.cpu_threads` CPU threads (one for the tiny model; $SDLEARN_THREADS or a
         count set with torch.set_num_threads takes precedence) and restores torch's count after.
         """
         threads = self.cpu_threads
+        check_syntax(prompt_syntax)
+        if prompt_syntax is not None and attention_maps:
+            raise ValueError("attention_maps=True reads plain prompts only; use prompt_syntax=None with it")
         with torch.inference_mode(), using_threads(threads):
             req = make_request(self, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                sampler=sampler, seed=seed, latents=latents, height=height, width=width, eta=eta,
@@ -270,7 +284,7 @@ class Pipeline:
                                num_images=num_images, karras=karras, steps_offset=steps_offset)
             generator = torch.Generator("cpu").manual_seed(req.seed)
             sched = get_sampler(req.sampler, self.schedule, **req.sampler_options)
-            context = self.encode_prompts(req.prompts, req.negatives if req.guided else None)
+            context = self.encode_prompts(req.prompts, req.negatives if req.guided else None, prompt_syntax)
             start = self._start(req, sched, generator)
             recorder = nullcontext()
             if attention_maps:
@@ -292,7 +306,7 @@ class Pipeline:
                 tokens = recorder.token_maps((req.height, req.width))
                 maps = [word_maps(self.tokenizer, p, tokens[b]) for b, p in enumerate(req.prompts)]
         return GenerationResult(images=to_pil(pixels), pixels=pixels, latents=run.x, seed=req.seed,
-                                settings={**req.settings(), "source": self.source, "cpu_threads": threads}, steps_done=run.steps,
+                                settings={**req.settings(), "prompt_syntax": prompt_syntax, "source": self.source, "cpu_threads": threads}, steps_done=run.steps,
                                 stopped_early=run.stopped, attention_maps=maps)
 
     def eps_model(self, context: torch.Tensor, guidance: float, recorder=nullcontext()) -> Callable:
