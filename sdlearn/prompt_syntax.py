@@ -336,3 +336,17 @@ def parse_compel(text: str) -> Conjunction:
         raise ValueError(f"{text!r}: a .blend() or .and() must be the whole prompt, as in "
                          "'(\"a red circle\", \"a blue square\").blend(0.7, 0.3)'")
     return Conjunction([_prompt(text)], [1.0])
+
+
+def plain_text(text: str, syntax: str | None) -> str:
+    """The words a prompt asks for, without its syntax (weights, brackets, BREAK, .blend(…)):
+    what a model's vocabulary check should read. Plain text (syntax None) is returned as is."""
+    if check_syntax(syntax) is None:
+        return text
+    if syntax == "a1111":
+        return " ".join(piece for piece, weight in parse_a1111(text) if (piece, weight) != BREAK)
+    parts = []
+    for part in parse_compel(text).parts:
+        for prompt in (part.prompts if isinstance(part, Blend) else [part]):
+            parts += [piece for piece, _ in prompt.fragments]
+    return " ".join(parts)

@@ -79,3 +79,33 @@ def test_seed_noise_is_what_generate_starts_from():
     a = pipe.generate("a red circle on the left", seed=5, steps=4, progress=False)
     b = pipe.generate("a red circle on the left", latents=seed_noise(5, shape), steps=4, progress=False)
     assert torch.equal(a.latents, b.latents)     # the same numbers from the same generator: equal by construction
+
+
+def test_prompt_embeds_give_the_prompts_picture_and_interpolate():
+    pipe = sdlearn.load_pipeline("tiny")
+    a, b = "a red circle on the left", "a blue square on the right"
+    by_text = pipe.generate([a, b], seed=2, steps=6, progress=False)
+    cond = pipe.encode_prompts([a, b])
+    by_embeds = pipe.generate(prompt_embeds=cond, seed=2, steps=6, progress=False)
+    assert torch.allclose(by_embeds.latents, by_text.latents, atol=1e-5)
+    assert by_embeds.settings["prompt_embeds"] and not by_text.settings["prompt_embeds"]
+    # an explicit negative conditioning equals the encoded negative prompt
+    neg = pipe.encode_prompts([""])
+    with_neg = pipe.generate(prompt_embeds=cond, negative_prompt_embeds=neg, seed=2, steps=6, progress=False)
+    assert torch.allclose(with_neg.latents, by_text.latents, atol=1e-5)
+    # per-token slerp half way: a conditioning of the same shape, between the two pictures
+    mid = slerp(cond[:1], cond[1:], 0.5, dim=-1)
+    assert mid.shape == (1, 77, pipe.text_encoder.config.hidden_size)
+    out = pipe.generate(prompt_embeds=mid, seed=2, steps=6, num_images=2, progress=False)
+    assert out.latents.shape == (2, 4, 8, 8) and torch.isfinite(out.latents).all()
+
+
+def test_prompt_embeds_bad_input():
+    pipe = sdlearn.load_pipeline("tiny")
+    cond = pipe.encode_prompts(["a red circle"])
+    with pytest.raises(ValueError, match="either prompt or prompt_embeds"):
+        pipe.generate("a red circle", prompt_embeds=cond, progress=False)
+    with pytest.raises(ValueError, match=r"\(B, tokens, 64\)"):
+        pipe.generate(prompt_embeds=torch.zeros(1, 77, 768), progress=False)
+    with pytest.raises(ValueError, match="one row or one per prompt"):
+        pipe.generate(prompt_embeds=cond.repeat(3, 1, 1), negative_prompt_embeds=cond.repeat(2, 1, 1), progress=False)

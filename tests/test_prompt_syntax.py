@@ -345,3 +345,21 @@ def test_cli_passes_the_prompt_syntax_and_records_it(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "x", "--prompt-syntax", "webui"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_tiny_models_vocabulary_check_reads_the_words_not_the_syntax():
+    import warnings as _w
+    import sdlearn
+    from sdlearn.prompt_syntax import plain_text
+    assert plain_text("a (red:1.3) circle BREAK [on the left]", "a1111").split() == "a red circle on the left".split()
+    assert set(plain_text('("a red circle", "a blue square").blend(0.7, 0.3)', "compel").split()) == \
+        {"a", "red", "circle", "blue", "square"}
+    assert plain_text("a red++ circle", "compel").split() == ["a", "red", "circle"]
+    pipe = sdlearn.load_pipeline("tiny")
+    for text, syntax in [("a (red:1.3) circle BREAK on the left", "a1111"),
+                         ('("a red circle", "a blue square").blend(0.7, 0.3)', "compel")]:
+        with _w.catch_warnings():
+            _w.simplefilter("error")                # no "it never saw 'blend'" warning
+            pipe.generate(text, prompt_syntax=syntax, steps=2, seed=0, progress=False)
+    with pytest.warns(UserWarning, match="'hexagon'"):
+        pipe.generate("a (hexagon:1.2)", prompt_syntax="a1111", steps=2, seed=0, progress=False)
