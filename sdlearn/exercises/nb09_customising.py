@@ -1,4 +1,4 @@
-"""Notebook 09 (customising): spherical interpolation of starting noise, …"""
+"""Notebook 09 (customising): spherical interpolation of starting noise, the web UI's emphasis, …"""
 from __future__ import annotations
 
 import math
@@ -6,6 +6,7 @@ import math
 import torch
 
 from ..interpolation import slerp as _slerp
+from ..weighted_text import emphasis as _emphasis
 from .core import Case, Exercise, Mistake, register
 
 
@@ -60,4 +61,40 @@ register(Exercise(
                 lambda a, b, t: _slerp(a / a.norm(), b / b.norm(), t))],
     hint="flatten both to vectors, θ = arccos(⟨a, b⟩ / (‖a‖‖b‖)), then sin((1 − t)θ)/sin θ · a + "
          "sin(tθ)/sin θ · b, reshaped back to a's shape.",
+    atol=1e-5, rtol=1e-4))
+
+
+# ---------------------------------------------------------------------------------- emphasis
+
+def _emphasis_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(10)
+    z = 0.2 + torch.randn(1, 77, 16, generator=g)
+    w = torch.ones(1, 77)
+    w[0, 2:4], w[0, 6] = 1.3, 0.6                      # "(red circle:1.3) … [square]"-like multipliers
+    w2 = torch.ones(2, 77)
+    w2[0, 1:3], w2[1, 5:9] = 1.21, 1 / 1.1
+    return [Case("z (1, 77, 16), multipliers 1 except 1.3 on tokens 2–3 and 0.6 on token 6", (z, w)),
+            Case("z (1, 77, 16), every multiplier 1 (must give z back)", (z, torch.ones(1, 77))),
+            Case("z (2, 77, 16) of mean about 0.2, two prompts with different multipliers",
+                 (0.2 + torch.randn(2, 77, 16, generator=g), w2))]
+
+
+register(Exercise(
+    name="emphasis", notebook="09_customising",
+    reference=_emphasis,
+    cases=_emphasis_cases,
+    mistakes=[
+        Mistake("the weighting is right but the mean is not restored: multiply by mean(z) / mean(weighted) "
+                "afterwards, one number for the whole tensor.",
+                lambda z, w: z * w[..., None]),
+        Mistake("the ratio is upside down: the rescale is mean(z) / mean(weighted), so that the new mean "
+                "equals the old one.",
+                lambda z, w: (z * w[..., None]) * ((z * w[..., None]).mean() / z.mean())),
+        Mistake("you restored each token's own mean; the web UI restores one mean, over the whole tensor "
+                "(all tokens and channels): z.mean(), not z.mean(-1).",
+                lambda z, w: (z * w[..., None]) * (z.mean(-1, keepdim=True) / (z * w[..., None]).mean(-1, keepdim=True))),
+        Mistake("you shifted the hidden states by the weight; a weight multiplies each token's hidden "
+                "state (its row of D numbers): z · multipliers[..., None].",
+                lambda z, w: (z + (w[..., None] - 1)) * (z.mean() / (z + (w[..., None] - 1)).mean()))],
+    hint="weighted = z · multipliers[..., None]; return weighted · (z.mean() / weighted.mean()).",
     atol=1e-5, rtol=1e-4))
