@@ -161,7 +161,8 @@ class CLIPTextModel(nn.Module):
         if ids.ndim != 2 or not 1 <= ids.shape[1] <= cfg.max_position_embeddings:
             raise ValueError(f"CLIPTextModel expects ids of shape (B, L) with 1 ≤ L ≤ "
                              f"{cfg.max_position_embeddings}; got {tuple(ids.shape)}. A single prompt is (1, 77).")
-        if ids.device.type != "meta" and ((ids < 0) | (ids >= cfg.vocab_size)).any():
-            bad = ids[(ids < 0) | (ids >= cfg.vocab_size)][0].item()
-            raise ValueError(f"token ids must lie in 0 … {cfg.vocab_size - 1} (the vocabulary); found {bad}. "
+        rows = self.text_model.embeddings.token_embedding.num_embeddings   # > vocab_size with added tokens
+        if ids.device.type != "meta" and ((ids < 0) | (ids >= rows)).any():
+            bad = ids[(ids < 0) | (ids >= rows)][0].item()
+            raise ValueError(f"token ids must lie in 0 … {rows - 1} (the vocabulary); found {bad}. "
                              "Was the tokenizer built for another vocabulary?")

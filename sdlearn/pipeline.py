@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import fast_cpu
+from . import fast_cpu, textual_inversion
 from .attention_maps import CrossAttentionMaps, word_maps
 from .configs import ModelConfig
 from .device import choose_threads, default_dtype, randn, resolve_device, using_threads
@@ -164,6 +164,7 @@ class Pipeline:
             return
         known = set(self.vocabulary["words"])
         native = "×".join(map(str, self.native_size))
+        texts = [textual_inversion.without_added_tokens(self.tokenizer, t) for t in texts]   # learned words are known
         unknown = sorted({w for t in texts for w in re.findall(r"[a-z]+", t.lower())} - known - self._warned)
         if unknown:
             self._warned.update(unknown)
@@ -223,9 +224,19 @@ class Pipeline:
         prompt_syntax: None (plain text), "compel" or "a1111" (sdlearn.weighted_text): weights,
         and prompts longer than 75 tokens in chunks, (B, 77·chunks, width)."""
         texts = prompts if negatives is None else list(negatives) + list(prompts)
+        texts = [textual_inversion.expand_prompt(self.tokenizer, t) for t in texts]   # multi-vector tokens
         if check_syntax(prompt_syntax) is not None:
             return encode_weighted(self.tokenizer, self.text_encoder, texts, prompt_syntax)
         return self.text_encoder(self.tokenizer(texts).to(self.device))
+
+    def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
+        """Add a textual-inversion embedding (web-UI .pt/.safetensors or diffusers learned_embeds)
+        as a new token; returns the tokens added (sdlearn/textual_inversion.py)."""
+        return textual_inversion.load(self, path, token)
+
+    def unload_textual_inversion(self, tokens: str | list[str] | None = None) -> None:
+        """Remove added tokens (default: all) and their embedding rows."""
+        textual_inversion.unload(self, tokens)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Diffusion latents (B, 4, h, w) → pixels (B, 3, 8h, 8w) in [0, 1], float32 on the CPU."""
