@@ -141,11 +141,15 @@ def load(pipe, path: str | os.PathLike, token: str | None = None) -> list[str]:
     width, a token that already exists (added before, or a word of the vocabulary), a bad file.
     """
     name, rows = read_embeddings(path)
-    token = token or name
+    return load_rows(pipe, token or name, rows, Path(path).name)
+
+
+def load_rows(pipe, token: str, rows: torch.Tensor, source: str = "the embedding") -> list[str]:
+    """Add rows (n, D) as `token` (n > 1: token, token_1, …) to the tokenizer and the table."""
     table = token_embedding(pipe).weight
     if rows.shape[1] != table.shape[1]:
         hint = {1024: " (an SD 2.x embedding)", 1280: " (an SDXL clip_g table)"}.get(rows.shape[1], "")
-        raise EmbeddingFileError(f"{Path(path).name}: rows of width {rows.shape[1]}{hint}, but this text encoder's "
+        raise EmbeddingFileError(f"{source}: rows of width {rows.shape[1]}{hint}, but this text encoder's "
                                  f"width is {table.shape[1]}; use an embedding made for this model (SD v1.x: 768)")
     tokens = token_names(token, len(rows))
     tokenizer = pipe.tokenizer.with_added_tokens(tokens)          # raises if a token exists

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -218,3 +220,72 @@ def test_a_learned_token_is_no_unknown_word_for_the_tiny_model(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe.generate("a red <blob> on the left", steps=1, seed=0, progress=False)
+
+
+# -- the star: drawn, detected ------------------------------------------------------------------
+
+def test_the_analyser_reads_the_dataset_stars_as_stars_and_nothing_else():
+    from sdlearn import analyser, shapes
+    from sdlearn.ti_train import star_dataset
+
+    stars = star_dataset(200, seed=1, sizes=("small", "large"))
+    read = [analyser.analyse(im.permute(1, 2, 0).numpy()) for im in stars.images]
+    assert np.mean([r["star"] for r in read]) >= 0.95
+    assert np.mean([r["colour"] == a["shapes"][0]["colour"] for r, a in zip(read, stars.attributes)]) >= 0.95
+    others = shapes.make_dataset(300, seed=2, two_shapes=0.0, held_out=())
+    for shape in shapes.SHAPES:
+        found = [analyser.analyse(im.permute(1, 2, 0).numpy()) for im, a in zip(others.images, others.attributes)
+                 if a["shapes"][0]["shape"] == shape]
+        assert len(found) > 50 and not any(r["star"] for r in found), shape
+
+
+def test_the_star_harmonic_is_five_fold():
+    from sdlearn.analyser import angular_harmonic
+    from sdlearn.shapes import draw
+
+    star = draw([{"colour": "red", "shape": "star", "cx": 32, "cy": 32, "extent": 40}], (0, 0, 0))[..., 0] / 220
+    disc = draw([{"colour": "red", "shape": "circle", "cx": 32, "cy": 32, "extent": 40}], (0, 0, 0))[..., 0] / 220
+    assert angular_harmonic(star, 5) > 0.5 and angular_harmonic(star, 3) < 0.05
+    assert angular_harmonic(disc, 5) < 0.01 and angular_harmonic(np.rot90(star).copy(), 5) > 0.5
+
+
+# -- training -----------------------------------------------------------------------------------
+
+def test_a_training_step_moves_the_new_row_only():
+    from sdlearn import ti_train
+
+    pipe = load_pipeline("tiny")
+    before = {k: v.clone() for m in (pipe.text_encoder, pipe.unet) for k, v in m.state_dict().items()}
+    trainable = [p.requires_grad for p in pipe.unet.parameters()]
+    result = ti_train.train(pipe, steps=3, batch=4, images=8, progress=False)
+    after = {k: v for m in (pipe.text_encoder, pipe.unet) for k, v in m.state_dict().items()}
+    row = pipe.tokenizer.added_tokens["<star>"]
+    assert torch.equal(result.initial, ti_train.word_row(pipe, "triangle"))
+    assert not torch.equal(result.vector, result.initial) and torch.equal(table(pipe)[row], result.vector)
+    name = "text_model.embeddings.token_embedding.weight"
+    assert torch.equal(after[name][:row], before[name])
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k != name)
+    assert [p.requires_grad for p in pipe.unet.parameters()] == trainable     # as they were
+
+
+def test_the_shipped_star_embedding_loads_in_sdlearn_and_diffusers():
+    from sdlearn.ti_train import STAR_EMBEDDING
+
+    ours, ref = pair(TINY)
+    assert ours.load_textual_inversion(STAR_EMBEDDING) == ["<star>"]
+    ref.load_textual_inversion(str(STAR_EMBEDDING))
+    check_parity(ours, ref, ["a red <star> on the left", "a picture of a large <star>"])
+    tiny = load_pipeline("tiny")
+    tiny.load_textual_inversion(STAR_EMBEDDING)
+    assert table(tiny).shape == (49409, 64)
+
+
+def test_nearest_words_by_cosine_similarity():
+    from sdlearn.ti_train import nearest_words, word_row
+
+    pipe = load_pipeline("tiny")
+    row = word_row(pipe, "square")
+    assert nearest_words(pipe, row, 1) == [("square", 1.0)]
+    assert nearest_words(pipe, 3 * row, 1) == [("square", 1.0)]          # the length does not matter
+    with pytest.raises(ValueError, match="2 tokens"):
+        word_row(pipe, "red circle")
