@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..interpolation import slerp as _slerp
 from ..weighted_text import emphasis as _emphasis
@@ -98,3 +99,37 @@ register(Exercise(
                 lambda z, w: (z + (w[..., None] - 1)) * (z.mean() / (z + (w[..., None] - 1)).mean()))],
     hint="weighted = z · multipliers[..., None]; return weighted · (z.mean() / weighted.mean()).",
     atol=1e-5, rtol=1e-4))
+
+
+# ------------------------------------------------------------------------------ nearest_rows
+
+def _nearest_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(11)
+    table = torch.randn(50, 8, generator=g) * torch.linspace(0.2, 3.0, 50)[:, None]   # rows of very different lengths
+    near = table[7] / table[7].norm() * 0.1 + 0.02 * torch.randn(8, generator=g)      # short, pointing like row 7
+    return [Case("a table (50, 8) of rows of lengths 0.2–3, a short vector pointing like row 7, k = 3", (table, near, 3)),
+            Case("the same table, a random vector, k = 5", (table, torch.randn(8, generator=g), 5)),
+            Case("the same table, row 20 itself, k = 1", (table, table[20].clone(), 1))]
+
+
+def _nearest_reference(table, vector, k):
+    # what sdlearn.ti_train.nearest_words ranks by: cosine similarity, best first
+    return F.cosine_similarity(table, vector[None], dim=-1).topk(k).indices
+
+
+register(Exercise(
+    name="nearest_rows", notebook="09_customising",
+    reference=_nearest_reference,
+    cases=_nearest_cases,
+    mistakes=[
+        Mistake("you ranked by the plain dot product, which favours long rows; divide by both lengths "
+                "(cosine similarity) so that only the direction counts.",
+                lambda t, v, k: (t @ v).topk(k).indices),
+        Mistake("you ranked by distance ‖E_i − v‖; a learned vector is usually longer or shorter than "
+                "the words' rows, so compare directions: cosine similarity.",
+                lambda t, v, k: (-(t - v).norm(dim=-1)).topk(k).indices),
+        Mistake("those are the least similar rows: topk picks the largest values, so rank by the cosine "
+                "itself, not by its negative (or use largest=True).",
+                lambda t, v, k: (-F.cosine_similarity(t, v[None], dim=-1)).topk(k).indices)],
+    hint="cos_i = E_i·v / (‖E_i‖‖v‖) for every row i; return the indices of the k largest, best first.",
+    atol=0, rtol=0))
