@@ -58,6 +58,11 @@ SQUARE_FILL = 0.86         # share of the bounding box covered: square 1, circle
 ROUND_FILL = 0.72          # circle π/4 ≈ 0.785; less is a ragged or hollow blob
 ROUND_ASPECT = 1.15        # soft width / height at most this (or its inverse)
 ROUND_SKEWNESS = 0.1       # |skewness| of mass over rows and over columns below this
+# The star (`sdlearn.shapes.EXTRA_SHAPES`, not in the grammar): five-fold angular harmonic of the
+# mass (`angular_harmonic`). Drawn stars 0.54–0.61; the tiny VAE's reconstructions of large stars
+# 0.25–0.41; triangles 0.12–0.16 (their three-fold one is larger, 0.50–0.56); circles and
+# squares below 0.03, clean or through the VAE.
+STAR_HARMONIC = 0.2
 
 
 # ----------------------------------------------------------------------------------- colour
@@ -195,6 +200,25 @@ def classify_shape(fill: float, skewness: float) -> str:
     return "square" if fill > SQUARE_FILL else "circle"
 
 
+def angular_harmonic(weight: np.ndarray, k: int) -> float:
+    """How k-fold the shape is: c_k = |Σ w r² e^{ikθ}| / Σ w r², with (r, θ) of each pixel around
+    the centre of mass and w its coverage. A disc gives 0 for every k; a shape with k points
+    (a five-pointed star, k = 5) puts its far mass at k angles 2π/k apart, where e^{ikθ} agrees,
+    so c_k is large; the r² weight counts the points more than the core. Turning the shape
+    leaves |c_k| unchanged."""
+    ys, xs = np.mgrid[:weight.shape[0], :weight.shape[1]] + 0.5
+    mass = max(float(weight.sum()), 1e-6)
+    dx, dy = xs - (weight * xs).sum() / mass, ys - (weight * ys).sum() / mass
+    w = weight * (dx ** 2 + dy ** 2)
+    return float(abs((w * np.exp(1j * k * np.arctan2(dy, dx))).sum()) / max(float(w.sum()), 1e-6))
+
+
+def looks_like_star(obj: dict[str, Any]) -> bool:
+    """A five-pointed star: a strong five-fold harmonic, stronger than the three-fold one (which
+    an apex-up triangle's shape gives it, with some five-fold too)."""
+    return obj["points5"] > STAR_HARMONIC and obj["points5"] > obj["points3"]
+
+
 def looks_round(obj: dict[str, Any]) -> bool:
     """Is a found shape positively a circle? `classify_shape` calls whatever is neither
     top-light nor box-filling a circle, a ragged smudge too; this asks for a circle's look:
@@ -235,7 +259,9 @@ def find_blobs(image) -> list[dict[str, Any]]:
 
     Each entry: colour, shape, position, size, cx, cy, extent (px), x, y (centre as fractions of
     the width and height), area (px), fill, skewness, skewness_x, aspect, round (`looks_round`),
-    colour_distance (weighted L*a*b* distance to the palette colour: small = a clean colour).
+    colour_distance (weighted L*a*b* distance to the palette colour: small = a clean colour),
+    points3, points5 (`angular_harmonic`) and star (`looks_like_star`; "shape" stays one of the
+    grammar's three: a star is an extra reading, for textual inversion's new word).
     """
     a = to_uint8(image).astype(np.float32)
     h, w, _ = a.shape
@@ -264,8 +290,9 @@ def find_blobs(image) -> list[dict[str, Any]]:
                "size": "large" if extent > threshold else "small", "cx": float(cx), "cy": float(cy), "extent": extent,
                "x": float(cx / w), "y": float(cy / h), "area": int(blob.sum()), "fill": fill, "skewness": skewness,
                "skewness_x": _skewness(weight.sum(axis=0)), "aspect": width / max(height, 1e-6),
-               "colour_distance": colour_distance}
-        found.append(obj | {"round": looks_round(obj)})
+               "colour_distance": colour_distance,
+               "points3": angular_harmonic(weight, 3), "points5": angular_harmonic(weight, 5)}
+        found.append(obj | {"round": looks_round(obj), "star": looks_like_star(obj)})
     return sorted(found, key=lambda o: -o["area"])
 
 

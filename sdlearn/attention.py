@@ -25,40 +25,51 @@ _active: list["AttentionRecorder"] = []
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *,
-              causal: bool = False, tag: str | None = None) -> torch.Tensor:
+              causal: bool = False, tag: str | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention on already projected tokens.
 
     q (B, Nq, C), k (B, Nk, C), v (B, Nk, C) → (B, Nq, C); C is split into `heads` heads of
     size C / heads. `causal=True` lets token i attend only to tokens ≤ i (CLIP's text encoder).
     `tag` names the call site (e.g. "mid_block.attentions.0.transformer_blocks.0.attn2") so a
-    recorder can tell the layers apart.
+    recorder can tell the layers apart. `key_mask` (B, Nk) bool, True = may be attended to,
+    hides keys as well (transformers' `attention_mask`; compel's prompt weighting uses it).
     """
     b, nq, c = q.shape
     d = c // heads
     q = q.view(b, nq, heads, d).transpose(1, 2)            # (B, h, Nq, d)
     k = k.view(b, -1, heads, d).transpose(1, 2)            # (B, h, Nk, d)
     v = v.view(b, -1, heads, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if key_mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    else:
+        allowed = key_mask[:, None, None, :].to(torch.bool)               # (B, 1, 1, Nk)
+        if causal:
+            allowed = allowed & torch.ones(nq, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - nq)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     if _active and tag is not None:
-        _record(tag, q, k, causal)
+        _record(tag, q, k, causal, key_mask)
     return out.transpose(1, 2).reshape(b, nq, c)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """softmax(Q Kᵀ / √d) for per-head tensors (B, h, Nq, d), (B, h, Nk, d) → (B, h, Nq, Nk)."""
+def attention_probs(q: torch.Tensor, k: torch.Tensor, causal: bool = False,
+                    key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(Q Kᵀ / √d) for per-head tensors (B, h, Nq, d), (B, h, Nk, d) → (B, h, Nq, Nk);
+    key_mask (B, Nk) bool hides the keys marked False."""
     scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
     if causal:
         nq, nk = scores.shape[-2:]
         mask = torch.ones(nq, nk, dtype=torch.bool, device=scores.device).tril(nk - nq)
         scores = scores.masked_fill(~mask, float("-inf"))
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :].to(torch.bool), float("-inf"))
     return scores.softmax(dim=-1)
 
 
-def _record(tag: str, q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
+def _record(tag: str, q: torch.Tensor, k: torch.Tensor, causal: bool, key_mask: torch.Tensor | None = None) -> None:
     wanted = [r for r in _active if r.wants(tag)]
     if not wanted:
         return
-    probs = attention_probs(q, k, causal)
+    probs = attention_probs(q, k, causal, key_mask)
     for rec in wanted:
         rec.add(tag, probs)
 

@@ -98,6 +98,8 @@ def png_text(settings: dict, index: int, n: int, args) -> dict[str, str]:
         text.update(image=Path(args.image).name, strength=settings["strength"])
     if args.mask:
         text["mask"] = Path(args.mask).name
+    if settings.get("prompt_syntax"):
+        text["prompt_syntax"] = settings["prompt_syntax"]
     return {k: str(v) for k, v in text.items()}
 
 
@@ -122,7 +124,8 @@ def generate(args) -> list[Path]:
         kwargs["strength"] = args.strength
     result = pipe.generate(args.prompt, negative_prompt=args.negative, num_images=args.n, steps=args.steps,
                            guidance=args.guidance, sampler=args.sampler, seed=seed, height=height, width=width,
-                           steps_offset=args.steps_offset, progress=not args.quiet, **kwargs)
+                           steps_offset=args.steps_offset, progress=not args.quiet,
+                           prompt_syntax=args.prompt_syntax, **kwargs)
     for i, (img, path) in enumerate(zip(result.images, paths)):
         save_png(img, path, png_text(result.settings, i, args.n, args), overwrite=args.force)
     return paths
@@ -133,6 +136,9 @@ def _add_generate(sub) -> None:
                        description="Generate pictures; the prompt and settings go into each PNG's metadata.")
     p.add_argument("prompt")
     p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt (what to avoid)")
+    p.add_argument("--prompt-syntax", default=None, choices=["compel", "a1111"],
+                   help="read weights in the prompt: compel's word+ (words)1.3, or the web UI's (word:1.3) [word] "
+                        "(default: plain text); both take prompts longer than 75 tokens")
     p.add_argument("-n", type=int, default=1, metavar="N", help="number of pictures (one seed, one batch)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")

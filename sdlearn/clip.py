@@ -66,9 +66,9 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
         self.tag: str | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.out_proj(attention(q, k, v, self.heads, causal=True, tag=self.tag))
+        return self.out_proj(attention(q, k, v, self.heads, causal=True, tag=self.tag, key_mask=key_mask))
 
 
 class CLIPMLP(nn.Module):
@@ -93,8 +93,8 @@ class CLIPEncoderLayer(nn.Module):
         self.mlp = CLIPMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), key_mask)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -105,9 +105,9 @@ class CLIPEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, key_mask)
         return x
 
 
@@ -120,8 +120,8 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.final_layer_norm(self.encoder(self.embeddings(ids)))
+    def forward(self, ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.final_layer_norm(self.encoder(self.embeddings(ids), key_mask))
 
 
 class CLIPTextModel(nn.Module):
@@ -130,7 +130,9 @@ class CLIPTextModel(nn.Module):
         ids (B, L) integer, L ≤ max_position_embeddings (77)  →  (B, L, hidden_size)
 
     `pipe.text_encoder(pipe.tokenizer(prompts))` is the context c for the UNet: (B, 77, 768).
-    The ids may live on any device; they are moved to the model's.
+    The ids may live on any device; they are moved to the model's. `attention_mask` (B, L) of
+    0/1 (transformers' argument; SD itself never passes one) hides the tokens marked 0 from
+    every attention, on top of the causal mask: compel's down-weighting encodes prompts so.
     """
 
     def __init__(self, config: CLIPTextConfig = CLIPTextConfig.sd15()):
@@ -139,9 +141,14 @@ class CLIPTextModel(nn.Module):
         self.text_model = CLIPTextTransformer(config)
         tag_attention_layers(self)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_ids(ids)                  # on the ids' own device: no GPU sync for CPU ids
-        return self.text_model(ids.to(self.text_model.embeddings.token_embedding.weight.device))
+        device = self.text_model.embeddings.token_embedding.weight.device
+        if attention_mask is not None:
+            if attention_mask.shape != ids.shape:
+                raise ValueError(f"attention_mask must have the ids' shape {tuple(ids.shape)}; got {tuple(attention_mask.shape)}")
+            attention_mask = attention_mask.to(device, torch.bool)
+        return self.text_model(ids.to(device), attention_mask)
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         cfg = self.config
@@ -154,7 +161,8 @@ class CLIPTextModel(nn.Module):
         if ids.ndim != 2 or not 1 <= ids.shape[1] <= cfg.max_position_embeddings:
             raise ValueError(f"CLIPTextModel expects ids of shape (B, L) with 1 ≤ L ≤ "
                              f"{cfg.max_position_embeddings}; got {tuple(ids.shape)}. A single prompt is (1, 77).")
-        if ids.device.type != "meta" and ((ids < 0) | (ids >= cfg.vocab_size)).any():
-            bad = ids[(ids < 0) | (ids >= cfg.vocab_size)][0].item()
-            raise ValueError(f"token ids must lie in 0 … {cfg.vocab_size - 1} (the vocabulary); found {bad}. "
+        rows = self.text_model.embeddings.token_embedding.num_embeddings   # > vocab_size with added tokens
+        if ids.device.type != "meta" and ((ids < 0) | (ids >= rows)).any():
+            bad = ids[(ids < 0) | (ids >= rows)][0].item()
+            raise ValueError(f"token ids must lie in 0 … {rows - 1} (the vocabulary); found {bad}. "
                              "Was the tokenizer built for another vocabulary?")

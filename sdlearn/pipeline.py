@@ -48,16 +48,18 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import fast_cpu, lora
+from . import fast_cpu, lora, textual_inversion
 from .attention_maps import CrossAttentionMaps, word_maps
 from .configs import ModelConfig
 from .device import choose_threads, default_dtype, randn, resolve_device, using_threads
 from .images import to_pil
 from .preview import LatentPreview, fitting_images
-from .request import make_request, per_image
+from .prompt_syntax import check_syntax
+from .request import check_embeds, make_request, per_image
 from .samplers import get_sampler, sample_loop
 from .tokenizer import CLIPTokenizer, default_tokenizer
 from .unet import flops_per_call
+from .weighted_text import encode_weighted, pad_with_empty
 from .checkpoint import COMPONENTS, load_component, open_checkpoint
 from .sources import SD15_DEFAULTS, read_defaults, read_preview, read_vocabulary, resolve_source
 
@@ -162,6 +164,7 @@ class Pipeline:
             return
         known = set(self.vocabulary["words"])
         native = "×".join(map(str, self.native_size))
+        texts = [textual_inversion.without_added_tokens(self.tokenizer, t) for t in texts]   # learned words are known
         unknown = sorted({w for t in texts for w in re.findall(r"[a-z]+", t.lower())} - known - self._warned)
         if unknown:
             self._warned.update(unknown)
@@ -226,23 +229,40 @@ class Pipeline:
 
     # -- text → image -------------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: list[str], negatives: list[str] | None = None) -> torch.Tensor:
-        """CLIP's last hidden states: (B, 77, width), or (2B, 77, width) for [negatives, prompts]."""
+    def encode_prompts(self, prompts: list[str], negatives: list[str] | None = None,
+                       prompt_syntax: str | None = None) -> torch.Tensor:
+        """CLIP's last hidden states: (B, 77, width), or (2B, 77, width) for [negatives, prompts].
+        prompt_syntax: None (plain text), "compel" or "a1111" (sdlearn.weighted_text): weights,
+        and prompts longer than 75 tokens in chunks, (B, 77·chunks, width)."""
         texts = prompts if negatives is None else list(negatives) + list(prompts)
+        texts = [textual_inversion.expand_prompt(self.tokenizer, t) for t in texts]   # multi-vector tokens
+        if check_syntax(prompt_syntax) is not None:
+            return encode_weighted(self.tokenizer, self.text_encoder, texts, prompt_syntax)
         return self.text_encoder(self.tokenizer(texts).to(self.device))
+
+    def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
+        """Add a textual-inversion embedding (web-UI .pt/.safetensors or diffusers learned_embeds)
+        as a new token; returns the tokens added (sdlearn/textual_inversion.py)."""
+        return textual_inversion.load(self, path, token)
+
+    def unload_textual_inversion(self, tokens: str | list[str] | None = None) -> None:
+        """Remove added tokens (default: all) and their embedding rows."""
+        textual_inversion.unload(self, tokens)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Diffusion latents (B, 4, h, w) → pixels (B, 3, 8h, 8w) in [0, 1], float32 on the CPU."""
         images = self.vae.decode(latents.to(self.device, self.dtype) / self.vae.scaling_factor)
         return (images / 2 + 0.5).clamp(0, 1).float().cpu()
 
-    def generate(self, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
+    def generate(self, prompt: str | list[str] | None = None, *, negative_prompt: str | list[str] | None = None,
                  steps: int | None = None, guidance: float = 7.5, sampler: str | None = None,
                  seed: int | None = None, latents: torch.Tensor | None = None, height: int | None = None,
                  width: int | None = None, eta: float = 0.0, callback: Callable | None = None, image=None,
                  strength: float = 0.8, mask=None, num_images: int = 1, karras: bool = False,
                  steps_offset: int | None = None, attention_maps: bool = False,
-                 progress: bool = True) -> GenerationResult:
+                 progress: bool = True, prompt_syntax: str | None = None,
+                 prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None) -> GenerationResult:
         """Prompt(s) → images. See the module docstring for the algorithm.
 
         prompt           a string, or a list of strings (one image each)
@@ -269,19 +289,36 @@ class Pipeline:
                          (50 steps: 981 … 1). 1000 steps need 0 (the whole chain 999 … 0)
         attention_maps   also return per-word cross-attention maps (result.attention_maps)
         progress         show a tqdm progress bar
+        prompt_syntax    None: plain text (parentheses are text, as in diffusers); "compel": the
+                         compel library's word+, (words)1.3, .blend(), .and(); "a1111": the web
+                         UI's (word:1.3), (word), [word], BREAK. Both take prompts longer than 75
+                         tokens in chunks (sdlearn.prompt_syntax, sdlearn.weighted_text)
+        prompt_embeds    instead of prompt: the conditioning itself, (B, tokens, width) as
+                         `pipe.encode_prompts` returns it (e.g. two prompts' interpolated,
+                         sdlearn.interpolation); negative_prompt_embeds likewise for the
+                         unconditional half (default: negative_prompt encoded)
 
         It runs on `pipe.cpu_threads` CPU threads (one for the tiny model; $SDLEARN_THREADS or a
         count set with torch.set_num_threads takes precedence) and restores torch's count after.
         """
         threads = self.cpu_threads
+        check_syntax(prompt_syntax)
+        if prompt_syntax is not None and attention_maps:
+            raise ValueError("attention_maps=True reads plain prompts only; use prompt_syntax=None with it")
+        if prompt_embeds is not None:
+            prompt = check_embeds(self, prompt, prompt_embeds, negative_prompt_embeds)
         with torch.inference_mode(), using_threads(threads):
             req = make_request(self, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                sampler=sampler, seed=seed, latents=latents, height=height, width=width, eta=eta,
                                callback=callback, image=image, strength=strength, mask=mask,
-                               num_images=num_images, karras=karras, steps_offset=steps_offset)
+                               num_images=num_images, karras=karras, steps_offset=steps_offset,
+                               prompt_syntax=prompt_syntax)
             generator = torch.Generator("cpu").manual_seed(req.seed)
             sched = get_sampler(req.sampler, self.schedule, **req.sampler_options)
-            context = self.encode_prompts(req.prompts, req.negatives if req.guided else None)
+            if prompt_embeds is None:
+                context = self.encode_prompts(req.prompts, req.negatives if req.guided else None, prompt_syntax)
+            else:
+                context = self._given_context(req, prompt_embeds, negative_prompt_embeds, prompt_syntax)
             start = self._start(req, sched, generator)
             recorder = nullcontext()
             if attention_maps:
@@ -303,8 +340,26 @@ class Pipeline:
                 tokens = recorder.token_maps((req.height, req.width))
                 maps = [word_maps(self.tokenizer, p, tokens[b]) for b, p in enumerate(req.prompts)]
         return GenerationResult(images=to_pil(pixels), pixels=pixels, latents=run.x, seed=req.seed,
-                                settings={**req.settings(), "source": self.source, "cpu_threads": threads}, steps_done=run.steps,
+                                settings={**req.settings(), "prompt_syntax": prompt_syntax,
+                                          "prompt_embeds": prompt_embeds is not None, "source": self.source,
+                                          "cpu_threads": threads}, steps_done=run.steps,
                                 stopped_early=run.stopped, attention_maps=maps)
+
+    def _given_context(self, req, cond: torch.Tensor, uncond: torch.Tensor | None, prompt_syntax) -> torch.Tensor:
+        """`prompt_embeds` (and `negative_prompt_embeds`) as the context `eps_model` takes: each row
+        repeated per image, [unconditional; conditional] when guided, padded to one length with
+        empty-prompt chunks (as long weighted prompts are)."""
+        cond = cond.to(self.device, self.dtype).repeat_interleave(req.num_images, dim=0)
+        if not req.guided:
+            return cond
+        if uncond is None:
+            uncond = self.encode_prompts(req.negatives, None, prompt_syntax)
+        else:
+            uncond = uncond.to(self.device, self.dtype).expand(len(cond) // req.num_images, -1, -1)
+            uncond = uncond.repeat_interleave(req.num_images, dim=0)
+        if uncond.shape[1] != cond.shape[1]:
+            uncond, cond = pad_with_empty([uncond, cond], self.encode_prompts([""]))
+        return torch.cat([uncond, cond])
 
     def eps_model(self, context: torch.Tensor, guidance: float, recorder=nullcontext()) -> Callable:
         """The ε-prediction the sampling loop calls, model(x_in, t): the UNet on `context`, with

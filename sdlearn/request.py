@@ -22,6 +22,7 @@ import torch
 from .configs import ModelConfig
 from .device import random_seed
 from .images import image_size, image_to_tensor, mask_to_tensor, read_picture
+from .prompt_syntax import plain_text
 from .samplers import SAMPLERS, leading_timesteps
 
 MAX_STEPS = 1000
@@ -68,7 +69,7 @@ class Request:
 
 def make_request(pipe, prompt, *, negative_prompt=None, steps=None, guidance=7.5, sampler=None, seed=None,
                  latents=None, height=None, width=None, eta=0.0, callback=None, image=None, strength=0.8,
-                 mask=None, num_images=1, karras=False, steps_offset=None) -> Request:
+                 mask=None, num_images=1, karras=False, steps_offset=None, prompt_syntax=None) -> Request:
     """Check `generate`'s arguments against this pipeline and fill in the defaults."""
     image = read_picture(image, "image")          # a file path is decoded here, once
     mask = read_picture(mask, "mask")
@@ -101,7 +102,8 @@ def make_request(pipe, prompt, *, negative_prompt=None, steps=None, guidance=7.5
     height, width = output_size(pipe, height, width, image, latents)
     batch = len(prompts) * num_images
     check_size(pipe, height, width, batch, guided=guidance > 1)
-    pipe.warn_outside_training(prompts + (negatives if guidance > 1 else []), height, width)
+    asked = prompts + (negatives if guidance > 1 else [])
+    pipe.warn_outside_training([plain_text(text, prompt_syntax) for text in asked], height, width)
     f = pipe.latent_factor
     shape = (batch, pipe.unet.config.in_channels, height // f, width // f)
     if latents is not None:
@@ -163,6 +165,25 @@ def prompt_list(prompt, name: str) -> list[str]:
         bad = next(i for i, p in enumerate(prompt) if not isinstance(p, str))
         raise TypeError(f"{name}[{bad}] is a {type(prompt[bad]).__name__}; expected a list of strings")
     raise TypeError(f"{name} must be a string or a list of strings; got {type(prompt).__name__}")
+
+
+def check_embeds(pipe, prompt, prompt_embeds, negative_embeds) -> list[str]:
+    """`generate(prompt_embeds=…)`: checks the conditioning given instead of a prompt, and returns
+    the prompt list that stands for it ("" per row: nothing to tokenize, nothing to warn about)."""
+    if prompt is not None:
+        raise ValueError("pass either prompt or prompt_embeds, not both: prompt_embeds replaces the encoded prompt")
+    width = pipe.text_encoder.config.hidden_size
+    for name, e in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_embeds)):
+        if e is None:
+            continue
+        if not isinstance(e, torch.Tensor) or e.dim() != 3 or e.shape[-1] != width or not e.is_floating_point():
+            got = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
+            raise ValueError(f"{name} must be a float tensor (B, tokens, {width}), the text encoder's output "
+                             f"(pipe.encode_prompts); got {got}")
+    if negative_embeds is not None and negative_embeds.shape[0] not in (1, prompt_embeds.shape[0]):
+        raise ValueError(f"negative_prompt_embeds has {negative_embeds.shape[0]} rows, prompt_embeds "
+                         f"{prompt_embeds.shape[0]}; pass one row or one per prompt")
+    return [""] * prompt_embeds.shape[0]
 
 
 def negative_list(negative, prompts: int) -> list[str]:

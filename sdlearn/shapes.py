@@ -52,6 +52,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 125, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+# Drawable but never in the tiny model's grammar or training pictures: a concept to teach it
+# afterwards (textual inversion, sdlearn/ti_train.py).
+EXTRA_SHAPES = ("star",)
+STAR_INNER = 0.45             # a five-pointed star's inner radius / outer radius (regular: 0.382)
 SIZES = {"small": 0.25, "large": 0.42}               # side of the bounding box / image side
 SIZE_JITTER = 0.02
 POSITIONS: dict[str, tuple[float, float]] = {        # centre (x, y) / image side
@@ -108,6 +112,9 @@ def _polygon(shape: str, cx: float, cy: float, e: float) -> list[tuple[float, fl
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
     if shape == "triangle":  # apex up, as wide as it is tall
         return [(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "star":      # five points, one up: 10 corners alternating outer radius h and inner
+        radius = [h, h * STAR_INNER] * 5
+        return [(cx + r * np.sin(np.pi * k / 5), cy - r * np.cos(np.pi * k / 5)) for k, r in enumerate(radius)]
     return None
 
 

@@ -27,6 +27,7 @@ The vocabulary is OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT licence, `data/LI
 """
 from __future__ import annotations
 
+import copy
 import functools
 import gzip
 import json
@@ -164,6 +165,8 @@ class CLIPTokenizer:
         self._byte_encoder = bytes_to_unicode()
         self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
         self._cache: dict[str, tuple[int, ...]] = {}   # pre-token piece → its ids
+        self.added_tokens: dict[str, int] = {}           # textual inversion's tokens → ids ≥ 49408
+        self._compile_added()
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -223,19 +226,94 @@ class CLIPTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.encoder)
+        """Ids in use: the vocabulary's (49,408) plus the added tokens'."""
+        return len(self.encoder) + len(self.added_tokens)
+
+    # -- added tokens (textual inversion) -------------------------------------------------------
+
+    def with_added_tokens(self, tokens: Sequence[str]) -> "CLIPTokenizer":
+        """A copy that also knows `tokens`, numbered from `vocab_size` on (49408, 49409, …), as
+        transformers' `add_tokens` numbers them. This tokenizer is left as it was (the bundled one
+        is shared by every pipeline); the copy shares its vocabulary and merges.
+
+        An added token is found in a prompt *before* the BPE: the cleaned text (lower-cased,
+        whitespace collapsed) is cut at every occurrence of the cleaned token, anywhere, even
+        inside a word ("a<star>s" → a | <star> | s), longest token first where two start at the
+        same place; the text between is split and BPE'd as usual. So "<Star>" and "<star>" are the
+        same token, as in transformers (its added tokens are `normalized`).
+        """
+        tokens = list(tokens)
+        for token in tokens:
+            if not isinstance(token, str) or not token.strip():
+                raise ValueError(f"an added token must be a non-empty string; got {token!r}")
+            clash = self._known_as(token)
+            if clash or tokens.count(token) > 1:
+                raise ValueError(f"cannot add the token {token!r}: {clash or 'it is listed twice'}. Choose "
+                                 f"another name (a placeholder such as '<{token.strip('<>')}-2>')")
+        new = self._copy()
+        new.added_tokens.update({t: self.vocab_size + i for i, t in enumerate(tokens)})
+        new._compile_added()
+        return new
+
+    def without_added_tokens(self, tokens: Sequence[str] | None = None) -> "CLIPTokenizer":
+        """A copy without the added `tokens` (None: without any); the tokens kept are numbered
+        again from 49408 on in their order, as diffusers' `unload_textual_inversion` does."""
+        drop = set(self.added_tokens if tokens is None else tokens)
+        unknown = drop - set(self.added_tokens)
+        if unknown:
+            raise ValueError(f"not added tokens: {sorted(unknown)}; the added tokens are {list(self.added_tokens)}")
+        new = self._copy()
+        kept = [t for t in self.added_tokens if t not in drop]
+        new.added_tokens = {t: len(self.encoder) + i for i, t in enumerate(kept)}
+        new._compile_added()
+        return new
+
+    def _known_as(self, token: str) -> str | None:
+        """Why `token` cannot be added (None if it can): it is already an added token, a
+        vocabulary entry, or a whole word the vocabulary has, which it would silently replace."""
+        if token in self.added_tokens or clean(token) in map(clean, self.added_tokens):
+            return "it is already an added token"
+        if token in self.encoder:
+            return f"it is already in the vocabulary (id {self.encoder[token]})"
+        pieces = _PIECE.findall(clean(token))
+        if len(pieces) == 1 and pieces[0] + WORD_END in self.encoder:
+            return (f"it is the word {pieces[0]!r} (id {self.encoder[pieces[0] + WORD_END]}); as an added token it "
+                    "would replace that word in every prompt")
+        return None
+
+    def _copy(self) -> "CLIPTokenizer":
+        new = copy.copy(self)                  # shares encoder, decoder, bpe_ranks: never mutated
+        new.added_tokens = dict(self.added_tokens)
+        new._cache = {}
+        return new
+
+    def _compile_added(self) -> None:
+        self._added_ids = {clean(t): i for t, i in self.added_tokens.items()}
+        longest_first = sorted(self._added_ids, key=len, reverse=True)
+        self._added_pattern = regex.compile("|".join(map(regex.escape, longest_first))) if longest_first else None
+        self._added_names = {i: t for t, i in self.added_tokens.items()}
+
+    def _split_added(self, cleaned: str) -> list[str]:
+        """Cleaned text → pieces, the added tokens' (cleaned) strings whole, the rest split by CLIP's pattern."""
+        if self._added_pattern is None:
+            return _PIECE.findall(cleaned)
+        out, start = [], 0
+        for m in self._added_pattern.finditer(cleaned):
+            out += _PIECE.findall(cleaned[start:m.start()]) + [m.group()]
+            start = m.end()
+        return out + _PIECE.findall(cleaned[start:])
 
     def pieces(self, text: str) -> list[str]:
         """The pre-tokens of `text`: special literals whole, the rest cleaned and split."""
         text = repair_surrogates(text)
         if "<|" not in text:                  # cleaning never creates "<|"
-            return _PIECE.findall(clean(text))
+            return self._split_added(clean(text))
         out = []
         for i, part in enumerate(_SPECIAL.split(text)):
             if i % 2:                         # split() puts the captured exact literals at odd places
                 out.append(part)
             else:                             # a literal made by cleaning ("<|EndOfText|>") is text:
-                for piece in _PIECE.findall(clean(part)):   # transformers' byte-level step splits it
+                for piece in self._split_added(clean(part)):   # transformers' byte-level step splits it
                     out += _SPELLED_OUT.get(piece, (piece,))
         return out
 
@@ -264,6 +342,8 @@ class CLIPTokenizer:
         if ids is None:
             if piece in self._special_ids:
                 ids = (self._special_ids[piece],)
+            elif self._added_pattern is not None and piece in self._added_ids:
+                ids = (self._added_ids[piece],)
             else:
                 ids = tuple(self.encoder[s] for s in self.bpe_steps(piece)[-1])
             if len(self._cache) >= _CACHE_LIMIT:
@@ -314,7 +394,7 @@ class CLIPTokenizer:
 
     def tokenize(self, text: str) -> list[str]:
         """The vocabulary symbols of `text` (without start/end), e.g. ['cat</w>', ',</w>']."""
-        return [self.decoder[i] for i in self.encode(text)[1:-1]]
+        return [self._added_names.get(i) or self.decoder[i] for i in self.encode(text)[1:-1]]
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str | list[str]:
         """ids → text. Start, end and padding tokens are dropped and each word end `</w>` becomes
@@ -324,11 +404,21 @@ class CLIPTokenizer:
                 return [self.decode(row) for row in ids]
             ids = ids.tolist()
         skip = {self.bos_token_id, self.eos_token_id, self.pad_token_id}
-        try:
-            symbols = "".join(self.decoder[i] for i in ids if i not in skip)
-        except KeyError as e:
-            raise ValueError(f"token id {e.args[0]!r} is not in the vocabulary (0 … {self.vocab_size - 1})") from None
-        text = bytes(self._byte_decoder[c] for c in symbols).decode("utf-8", errors="replace")
+        words, symbols = [], []
+        for i in ids:
+            if i in skip:
+                continue
+            if i in self._added_names:         # an added token comes back as it was added
+                words += [self._bpe_text(symbols), self._added_names[i]]
+                symbols = []
+            elif i in self.decoder:
+                symbols.append(self.decoder[i])
+            else:
+                raise ValueError(f"token id {i!r} is not in the vocabulary (0 … {self.vocab_size - 1})")
+        return " ".join(w for w in words + [self._bpe_text(symbols)] if w)
+
+    def _bpe_text(self, symbols: list[str]) -> str:
+        text = bytes(self._byte_decoder[c] for c in "".join(symbols)).decode("utf-8", errors="replace")
         return text.replace(WORD_END, " ").strip()
 
 

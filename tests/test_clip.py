@@ -150,3 +150,25 @@ def test_wrong_ids_are_refused_with_what_was_expected(tiny):
         ours(torch.full((1, 77), -1))
     with torch.no_grad():
         assert torch.equal(ours(ids.int()), ours(ids))
+
+
+def test_attention_mask_hides_tokens_as_transformers_does(tiny):
+    """compel's down-weighting encodes prompts with some tokens masked (attention_mask 0): they are
+    hidden from every later token, on top of the causal mask; the recorded maps agree."""
+    cfg, ref, ours = tiny
+    ids = sample_ids(cfg, batch=1)[:2]
+    mask = torch.ones_like(ids)
+    mask[0, 3:5] = 0
+    mask[1, 2] = 0
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        with AttentionRecorder(lambda tag: tag.endswith("layers.0.self_attn")) as rec:
+            got = ours(ids, mask)
+        assert rel_err(got, want) <= 1e-5
+        assert rel_err(got, ours(ids)) > 1e-3
+        assert rel_err(ours(ids, torch.ones_like(ids)), ours(ids)) <= 1e-6
+    probs = rec.maps["text_model.encoder.layers.0.self_attn"][0]         # (B, heads, 77, 77)
+    assert probs[0, :, 5:, 3:5].abs().max() == 0 and probs[1, :, 3:, 2].abs().max() == 0
+    assert torch.allclose(probs.sum(-1), torch.ones(()))
+    with pytest.raises(ValueError, match="attention_mask"):
+        ours(ids, mask[:, :10])

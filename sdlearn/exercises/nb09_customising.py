@@ -1,0 +1,135 @@
+"""Notebook 09 (customising): spherical interpolation of starting noise, the web UI's emphasis, …"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..interpolation import slerp as _slerp
+from ..weighted_text import emphasis as _emphasis
+from .core import Case, Exercise, Mistake, register
+
+
+# ------------------------------------------------------------------------------------- slerp
+
+def _slerp_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    c = torch.randn(2, 3, generator=g)
+    d = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    return [Case("a, b two noises (1, 4, 8, 8), t = 0.5", (a, b, 0.5)),
+            Case("a, b two noises (1, 4, 8, 8), t = 0.2", (a, b, 0.2)),
+            Case("a, b of different norms (3·a and b), t = 0.7", (3 * a, b, 0.7)),
+            Case("a, b (2, 3) treated as one vector of 6 numbers, t = 0.3", (c, torch.randn(2, 3, generator=g), 0.3)),
+            Case("a = [[1, 0], [0, 1]], b = its negative rotation [[0, 1], [-1, 0]], t = 0.25",
+                 (d, torch.tensor([[0.0, 1.0], [-1.0, 0.0]]), 0.25)),
+            Case("a, b (1, 4, 8, 8), t = 0 (must give a)", (a, b, 0.0)),
+            Case("a, b (1, 4, 8, 8), t = 1 (must give b)", (a, b, 1.0))]
+
+
+def _slerp_written(a, b, t, *, swap=False, normalise=True, degrees=False):
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    dot = a64 @ b64
+    cos = dot / (a64.norm() * b64.norm()) if normalise else dot
+    theta = torch.arccos(cos.clamp(-1, 1))
+    if degrees:
+        theta = theta * 180 / math.pi
+    wa, wb = torch.sin((1 - t) * theta) / torch.sin(theta), torch.sin(t * theta) / torch.sin(theta)
+    if swap:
+        wa, wb = wb, wa
+    return (wa * a64 + wb * b64).reshape(a.shape).to(a.dtype)
+
+
+register(Exercise(
+    name="slerp", notebook="09_customising",
+    reference=lambda a, b, t: _slerp(a, b, t),
+    cases=_slerp_cases,
+    mistakes=[
+        Mistake("that is the straight line (1 − t)·a + t·b; slerp walks along the circle: weights "
+                "sin((1 − t)θ)/sin θ and sin(tθ)/sin θ, with θ the angle between a and b.",
+                lambda a, b, t: (1 - t) * a + t * b),
+        Mistake("the two weights are swapped: at t = 0 the answer must be a, so a's weight is "
+                "sin((1 − t)θ)/sin θ.",
+                lambda a, b, t: _slerp_written(a, b, t, swap=True)),
+        Mistake("θ must come from the cosine of the angle, ⟨a, b⟩ / (‖a‖·‖b‖); you took arccos of the "
+                "plain dot product.",
+                lambda a, b, t: _slerp_written(a, b, t, normalise=False)),
+        Mistake("torch.sin and torch.arccos work in radians; no conversion to degrees.",
+                lambda a, b, t: _slerp_written(a, b, t, degrees=True)),
+        Mistake("you normalised the result to unit length (or a and b first); slerp keeps the inputs' "
+                "lengths: use a and b as they are, only θ uses their directions.",
+                lambda a, b, t: _slerp(a / a.norm(), b / b.norm(), t))],
+    hint="flatten both to vectors, θ = arccos(⟨a, b⟩ / (‖a‖‖b‖)), then sin((1 − t)θ)/sin θ · a + "
+         "sin(tθ)/sin θ · b, reshaped back to a's shape.",
+    atol=1e-5, rtol=1e-4))
+
+
+# ---------------------------------------------------------------------------------- emphasis
+
+def _emphasis_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(10)
+    z = 0.2 + torch.randn(1, 77, 16, generator=g)
+    w = torch.ones(1, 77)
+    w[0, 2:4], w[0, 6] = 1.3, 0.6                      # "(red circle:1.3) … [square]"-like multipliers
+    w2 = torch.ones(2, 77)
+    w2[0, 1:3], w2[1, 5:9] = 1.21, 1 / 1.1
+    return [Case("z (1, 77, 16), multipliers 1 except 1.3 on tokens 2–3 and 0.6 on token 6", (z, w)),
+            Case("z (1, 77, 16), every multiplier 1 (must give z back)", (z, torch.ones(1, 77))),
+            Case("z (2, 77, 16) of mean about 0.2, two prompts with different multipliers",
+                 (0.2 + torch.randn(2, 77, 16, generator=g), w2))]
+
+
+register(Exercise(
+    name="emphasis", notebook="09_customising",
+    reference=_emphasis,
+    cases=_emphasis_cases,
+    mistakes=[
+        Mistake("the weighting is right but the mean is not restored: multiply by mean(z) / mean(weighted) "
+                "afterwards, one number for the whole tensor.",
+                lambda z, w: z * w[..., None]),
+        Mistake("the ratio is upside down: the rescale is mean(z) / mean(weighted), so that the new mean "
+                "equals the old one.",
+                lambda z, w: (z * w[..., None]) * ((z * w[..., None]).mean() / z.mean())),
+        Mistake("you restored each token's own mean; the web UI restores one mean, over the whole tensor "
+                "(all tokens and channels): z.mean(), not z.mean(-1).",
+                lambda z, w: (z * w[..., None]) * (z.mean(-1, keepdim=True) / (z * w[..., None]).mean(-1, keepdim=True))),
+        Mistake("you shifted the hidden states by the weight; a weight multiplies each token's hidden "
+                "state (its row of D numbers): z · multipliers[..., None].",
+                lambda z, w: (z + (w[..., None] - 1)) * (z.mean() / (z + (w[..., None] - 1)).mean()))],
+    hint="weighted = z · multipliers[..., None]; return weighted · (z.mean() / weighted.mean()).",
+    atol=1e-5, rtol=1e-4))
+
+
+# ------------------------------------------------------------------------------ nearest_rows
+
+def _nearest_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(11)
+    table = torch.randn(50, 8, generator=g) * torch.linspace(0.2, 3.0, 50)[:, None]   # rows of very different lengths
+    near = table[7] / table[7].norm() * 0.1 + 0.02 * torch.randn(8, generator=g)      # short, pointing like row 7
+    return [Case("a table (50, 8) of rows of lengths 0.2–3, a short vector pointing like row 7, k = 3", (table, near, 3)),
+            Case("the same table, a random vector, k = 5", (table, torch.randn(8, generator=g), 5)),
+            Case("the same table, row 20 itself, k = 1", (table, table[20].clone(), 1))]
+
+
+def _nearest_reference(table, vector, k):
+    # what sdlearn.ti_train.nearest_words ranks by: cosine similarity, best first
+    return F.cosine_similarity(table, vector[None], dim=-1).topk(k).indices
+
+
+register(Exercise(
+    name="nearest_rows", notebook="09_customising",
+    reference=_nearest_reference,
+    cases=_nearest_cases,
+    mistakes=[
+        Mistake("you ranked by the plain dot product, which favours long rows; divide by both lengths "
+                "(cosine similarity) so that only the direction counts.",
+                lambda t, v, k: (t @ v).topk(k).indices),
+        Mistake("you ranked by distance ‖E_i − v‖; a learned vector is usually longer or shorter than "
+                "the words' rows, so compare directions: cosine similarity.",
+                lambda t, v, k: (-(t - v).norm(dim=-1)).topk(k).indices),
+        Mistake("those are the least similar rows: topk picks the largest values, so rank by the cosine "
+                "itself, not by its negative (or use largest=True).",
+                lambda t, v, k: (-F.cosine_similarity(t, v[None], dim=-1)).topk(k).indices)],
+    hint="cos_i = E_i·v / (‖E_i‖‖v‖) for every row i; return the indices of the k largest, best first.",
+    atol=0, rtol=0))
