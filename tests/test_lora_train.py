@@ -122,3 +122,23 @@ def test_shipped_lora_outlines_shapes_and_keeps_colour_and_position(pipe):
         pipe.unload_lora()
     assert without["outlined"] <= 0.1 and with_lora["outlined"] >= 0.5, (without, with_lora)
     assert with_lora["position"] >= without["position"] - 0.15 and with_lora["colour"] >= without["colour"] - 0.25
+
+
+@needs_file
+def test_float16_weights_fuse_once_and_come_back_exactly(pipe):
+    """The same LoRA on a float16 pipeline (weights cast, so no longer views of the file): within
+    float16 rounding of float32, and unload restores the kept originals (exact by construction)."""
+    half = sdlearn.load_pipeline("tiny", device="cpu", dtype=torch.float16)
+    before = {k: v.clone() for k, v in half.unet.state_dict().items()}
+    context = pipe.encode_prompts(["a red circle on the left"])
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([300])
+    for p in (pipe, half):
+        p.load_lora(OUTLINE_LORA)
+    try:
+        with torch.no_grad():
+            full, low = pipe.unet(x, t, context), half.unet(x.half(), t, context.half()).float()
+    finally:
+        pipe.unload_lora()
+    assert rel_err(low, full) < 3e-3 and half.unet.get_submodule("mid_block.attentions.0.proj_in").weight.dtype == torch.float16
+    half.unload_lora()
+    assert all(torch.equal(v, before[k]) for k, v in half.unet.state_dict().items())
