@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..interpolation import slerp as _slerp
+from ..lora import lora_delta as _lora_delta
 from ..weighted_text import emphasis as _emphasis
 from .core import Case, Exercise, Mistake, register
 
@@ -133,3 +134,41 @@ register(Exercise(
                 lambda t, v, k: (-F.cosine_similarity(t, v[None], dim=-1)).topk(k).indices)],
     hint="cos_i = E_i·v / (‖E_i‖‖v‖) for every row i; return the indices of the k largest, best first.",
     atol=0, rtol=0))
+
+
+# -------------------------------------------------------------------------------- lora_delta
+
+def _delta_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(12)
+    return [Case("down (4, 32), up (64, 4), alpha = 2, scale = 1", (torch.randn(4, 32, generator=g),
+                                                                     torch.randn(64, 4, generator=g), 2.0, 1.0)),
+            Case("down (8, 16), up (16, 8), alpha = 8 (α = r), scale = 0.5", (torch.randn(8, 16, generator=g),
+                                                                             torch.randn(16, 8, generator=g), 8.0, 0.5)),
+            Case("down (1, 10), up (6, 1) (rank 1), alpha = 4, scale = -1", (torch.randn(1, 10, generator=g),
+                                                                            torch.randn(6, 1, generator=g), 4.0, -1.0)),
+            Case("down (2, 12), up (5, 2), alpha = None (files without alpha), scale = 0.8",
+                 (torch.randn(2, 12, generator=g), torch.randn(5, 2, generator=g), None, 0.8))]
+
+
+def _alpha(alpha, r):
+    return r if alpha is None else alpha
+
+
+register(Exercise(
+    name="lora_delta", notebook="09_customising",
+    reference=lambda down, up, alpha, scale: _lora_delta(down, up, alpha, scale),
+    cases=_delta_cases,
+    mistakes=[
+        Mistake("the factor is α / r, with r the rank (down.shape[0]); you multiplied α by r.",
+                lambda d, u, a, s: s * _alpha(a, d.shape[0]) * d.shape[0] * (u @ d)),
+        Mistake("α / r is missing: the file's alpha rescales the update, ΔW = scale · (α / r) · up @ down.",
+                lambda d, u, a, s: s * (u @ d)),
+        Mistake("the user's scale is missing: it multiplies the whole update (scale 0 = no LoRA).",
+                lambda d, u, a, s: _alpha(a, d.shape[0]) / d.shape[0] * (u @ d)),
+        Mistake("a file without alpha means α = r (a factor of 1), not α = 1.",
+                lambda d, u, a, s: s * (1.0 if a is None else a) / d.shape[0] * (u @ d)),
+        Mistake("the rank is the short side shared by the two factors, down.shape[0] (= up.shape[1]); you "
+                "divided by another dimension.",
+                lambda d, u, a, s: s * _alpha(a, d.shape[0]) / d.shape[1] * (u @ d))],
+    hint="r = down.shape[0]; ΔW = scale · (α / r) · (up @ down), an (out, in) matrix like the layer's weight.",
+    atol=1e-5, rtol=1e-4))
