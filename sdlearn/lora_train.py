@@ -15,6 +15,7 @@ classifier-free guidance learns the style too. The result is saved in the kohya 
 
     python -m sdlearn.lora_train --out outline.safetensors        # about 3 minutes on one thread
     pipe.load_lora("outline.safetensors")                          # then every shape is outlined
+    pipe.load_lora(OUTLINE_LORA)                                   # the shipped one (64 % outlined)
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from .lora import LoRALayer, lora_delta, lora_modules, save_kohya
 from .pipeline import load_pipeline
 from .schedule import NoiseSchedule
 from .train import encode_dataset, noise_prediction_loss
+
+OUTLINE_LORA = Path(__file__).parent / "data" / "lora_outline.safetensors"     # the shipped result
 
 # The UNet layers the style LoRA changes: the attention projections of every transformer block,
 # its 1×1 proj_in / proj_out, and the ResBlocks' 3×3 convs (a style is spatial: convs help).

@@ -1,13 +1,13 @@
 """Each notebook fits one lesson (issue 16): its length, its frame, its exercises and questions.
 
-For notebooks 00–08:
+For notebooks 00–09:
   * the MAIN BODY is at most 2,000 words: the markdown cells up to the first one that starts with
     "## Going further", ``` blocks dropped, split on whitespace;
   * a `## Learning objectives` cell near the top (3–5 bullets);
   * a `## Summary` cell (bullets), then a cell with the links to the previous and next notebooks,
     `[← NN_prev](NN_prev.ipynb) · [NN_next →](NN_next.ipynb)`;
   * no "Myth (walkthrough)" left (they became self-contained "Common misconception" boxes);
-and for 01–08: at least 3 exercises each (check cells tagged "exercise-check"), at least 30 in
+and for 01–09: at least 3 exercises each (check cells tagged "exercise-check"), at least 30 in
 all, and 2–3 prediction questions (a markdown cell starting `**Predict:**` with the answer in a
 `<details><summary>Answer</summary> … </details>` block in the same cell).
 
@@ -22,7 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "classroom_demo.ipynb"
-SERIES = sorted((REPO / "notebooks").glob("0[0-8]_*.ipynb"))
+SERIES = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 MAX_WORDS = 2000
 MIN_EXERCISES, MIN_EXERCISES_IN_ALL = 3, 30
 PREDICTIONS = (2, 3)
@@ -89,7 +89,7 @@ def frame_problems(nb, prev: str | None, next_: str | None) -> list[str]:
 
 
 def lesson_problems(nb) -> list[str]:
-    """What an exercise notebook (01–08) lacks: exercises and prediction questions."""
+    """What an exercise notebook (01–09) lacks: exercises and prediction questions."""
     problems = []
     n = exercises(nb)
     if n < MIN_EXERCISES:
@@ -112,8 +112,8 @@ def neighbours(path: Path) -> tuple[str | None, str | None]:
 
 # ----------------------------------------------------------------------------- the notebooks
 
-def test_the_series_is_notebooks_00_to_08():
-    assert [p.name[:2] for p in SERIES] == [f"{k:02d}" for k in range(9)]
+def test_the_series_is_notebooks_00_to_09():
+    assert [p.name[:2] for p in SERIES] == [f"{k:02d}" for k in range(10)]
 
 
 @pytest.mark.parametrize("path", SERIES, ids=[p.stem for p in SERIES])
