@@ -6,6 +6,7 @@ The tiny model is judged by it, so alignment is measured, not eyeballed:
     analyse_objects(image)                      # every shape found, largest first
     read_scene(image, 2)                        # the 2 largest shapes, and the stray blobs
     read_pair(image, ("left", "right"))         # (left shape, right shape, stray blobs)
+    read_background(image)                      # "black": the nearest of shapes.BACKGROUNDS
     score_alignment(images, grammar_prompts())  # one object per prompt: colour, shape, position, stray, circle
     score_pairs(images, pair_prompts())         # two objects: both right, each attribute, swaps, leaks
     alignment(pipe), pair_alignment(pipe)       # generate a prompt set and score it
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 from .images import to_uint8
-from .shapes import COLOURS, PAIRS, POSITIONS, SIZES, grammar_prompts, pair_prompts
+from .shapes import BACKGROUNDS, COLOURS, PAIRS, POSITIONS, SIZES, grammar_prompts, pair_prompts
 
 MIN_CONTRAST = 40.0   # RGB distance from the background below which a pixel is background
 NOISE_FACTOR = 2.0    # … or this many times the pixel noise (`_pixel_noise`), if that is more
@@ -239,6 +240,19 @@ def _pixel_noise(a: np.ndarray) -> float:
     return float(np.median(np.concatenate([np.linalg.norm(np.diff(e, axis=0), axis=-1) for e in edges])))
 
 
+def _border_median(a: np.ndarray) -> np.ndarray:
+    """The median RGB (3,) of a picture's 2-pixel border: its background colour (step 1)."""
+    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3), a[:, -2:].reshape(-1, 3)])
+    return np.median(border, axis=0)
+
+
+def read_background(image) -> str:
+    """Which of the dataset's BACKGROUNDS a picture shows: the one nearest (RGB distance) to the
+    median colour of its 2-pixel border. Captions never name it; textual inversion can (ti_train)."""
+    bg = _border_median(to_uint8(image).astype(np.float32))
+    return min(BACKGROUNDS, key=lambda name: float(np.linalg.norm(bg - np.array(BACKGROUNDS[name]))))
+
+
 def _nearest_position(x: float, y: float) -> str:
     """The anchor nearest to (x, y), both as fractions of the picture's side."""
     return min(POSITIONS, key=lambda p: (POSITIONS[p][0] - x) ** 2 + (POSITIONS[p][1] - y) ** 2)
@@ -248,8 +262,7 @@ def _against_background(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """Step 1 of reading a picture a (H, W, 3) float: the background colour (median of the 2-pixel
     border), each pixel's difference from it (H, W, 3) and distance (H, W), and the floor below
     which a distance is background."""
-    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3), a[:, -2:].reshape(-1, 3)])
-    bg = np.median(border, axis=0)
+    bg = _border_median(a)
     diff = a - bg
     return bg, diff, np.linalg.norm(diff, axis=-1), max(MIN_CONTRAST, NOISE_FACTOR * _pixel_noise(a))
 

@@ -1,34 +1,48 @@
-"""Training textual inversion on the tiny model: one new word, "<star>", for a shape it never saw.
+"""Training textual inversion on the tiny model: one new word for a concept, the model frozen.
 
-The tiny model knows circles, squares and triangles (`sdlearn.shapes`); `shapes.draw` can also draw
-a five-pointed star, which no training picture holds. Textual inversion (Gal et al. 2022) teaches
-the model the star without changing it: a new token's embedding row v is the only thing learned,
+Textual inversion (Gal et al. 2022) teaches a model a word without changing it: a new token's
+embedding row v is the only thing learned. A `Concept` says what the word names and where it
+goes in a caption: a shape ("a red <star> on the left": the token in the shape word's place) or
+a background ("a red circle on the left <night>": appended; the tiny model's pictures have five
+backgrounds, `shapes.BACKGROUNDS`, that no caption ever names):
 
-    v₀ = E["triangle"]                          start from a word the model knows
-    captions "a red <star> on the left", …      the grammar, with the token in the shape's place
+    v₀ = E[concept.init]                        start from a word the model knows
+    captions `concept_caption`                  the grammar, with the token
     z₀ = s · (μ + σ·ε′),  (μ, σ) = VAE encoder(picture)         encoded once (train.encode_dataset)
     L(v) = ‖ε − ε_θ(√ᾱ_t z₀ + √(1−ᾱ_t) ε, t, CLIP_v(caption))‖²    train.noise_prediction_loss
     v ← AdamW(v, ∇_v L)                         CLIP, the UNet, the VAE and every other row frozen
 
-where CLIP_v is the text encoder whose table row for "<star>" reads v (`row_override`). The
+where CLIP_v is the text encoder whose table row for the token reads v (`row_override`). The
 result is saved in diffusers' format (learned_embeds.safetensors) and loads back with
 `pipe.load_textual_inversion` or diffusers' `load_textual_inversion`.
 
     pipe = sdlearn.load_pipeline("tiny")
-    result = train(pipe, steps=600)               # about 2 minutes on one CPU thread
-    star_rate(pipe, result.token)                 # how often "<star>" draws a star (sdlearn.analyser)
-    pipe.load_textual_inversion(STAR_EMBEDDING)   # the shipped result, without training
+    result = train(pipe, NIGHT, steps=600, lr=0.1, vectors=8)    # about 1.5 minutes on one CPU thread
+    concept_rate(pipe, NIGHT)                     # how often "… <night>" draws a black background
+    pipe.load_textual_inversion(NIGHT_EMBEDDING)  # the shipped result, without training
 
-What it gives (sdlearn/data/star_embedding.json, one CPU thread of a shared 2-core machine): 600
-steps in 101 s, loss 0.054 → 0.040; the 72 pictures of `star_rate` (36 prompts × 2 seeds) keep
-their colour and position (100 %), but the token draws *circles* (100 %; the triangle's row drew
-triangles), never a star (0 %). Not for want of training: the same code teaches squares from the
-triangle's row in 300 steps (94 % squares, nearest word "square"). The limit is the UNet, which
-never saw a star: the VAE shows stars (97 % of its reconstructions read as stars), but
-image-to-image from star pictures at strength 0.3, prompts naming no shape, keeps none (0 %):
-the UNet turns a star into a shape it knows, and an embedding changes only the text it reads.
+A lesson in two runs (one CPU thread of a shared 2-core machine; the JSON records beside the
+shipped files hold the figures): textual inversion can only *name* what the model already draws
+in answer to its text.
+- `<night>` (sdlearn/data/night_embedding.json), 8 vectors from the row of "picture": the
+  backgrounds are in every training picture, only the words never said which. 600 steps in 92 s;
+  of the 72 pictures (36 grammar prompts × 2 seeds) 54 % are black with the token, 36 % without
+  it (the model's own lean), 40 % with the initial rows; colour, shape, position stay right
+  (100 %, 99 %, 100 %). A real but partial effect: the UNet draws black backgrounds, but it chose
+  them from the starting noise, never from the text (no caption named one), so its
+  cross-attention has little to steer them with. One vector, lr 0.02 or 0.1 to 0.3, t from the
+  upper half only, or the token put first instead of last: 44–53 % on one seed.
+- `<star>` (sdlearn/data/star_embedding.json), from the row of "triangle": 600 steps in 101 s;
+  the 72 pictures keep their colour and position (100 %), but the token draws *circles* (100 %;
+  the triangle's row drew triangles), never a star (0 %). Not for want of training: the same
+  code teaches squares from the triangle's row in 300 steps (94 % squares, nearest word
+  "square"). The limit is the UNet, which never saw a star: the VAE shows stars (97 % of its
+  reconstructions read as stars), but image-to-image from star pictures at strength 0.3, prompts
+  naming no shape, keeps none (0 %): the UNet turns a star into a shape it knows, and an
+  embedding changes only the text it reads.
 
-Command line (the shipped embedding was made so; sdlearn/data/star_embedding.json records it):
+Command lines (the shipped embeddings were made so; their JSON records hold them):
+    python -m sdlearn.ti_train --concept night --steps 600 --lr 0.1 --vectors 8 --out sdlearn/data/night_embedding.safetensors
     python -m sdlearn.ti_train --steps 600 --control --out sdlearn/data/star_embedding.safetensors
 """
 from __future__ import annotations
@@ -39,7 +53,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,30 +67,67 @@ from .train import encode_dataset, noise_prediction_loss
 
 TOKEN = "<star>"
 INIT_WORD = "triangle"
-STAR_EMBEDDING = Path(__file__).parent / "data" / "star_embedding.safetensors"
+DATA = Path(__file__).parent / "data"
+STAR_EMBEDDING = DATA / "star_embedding.safetensors"
+NIGHT_EMBEDDING = DATA / "night_embedding.safetensors"
 
 
-# ----------------------------------------------------------------------------------- the pictures
+@dataclass(frozen=True)
+class Concept:
+    """What a new token names, and where it goes in a caption:
+    kind "shape": a shape's word is replaced ("a red <star> on the left"), value a shape `shapes.draw`
+    knows; kind "background": the token is appended to a grammar caption ("a red circle on the left
+    <night>"), value one of `shapes.BACKGROUNDS`. `init`: the word whose row the token starts from."""
+    token: str
+    kind: str
+    value: str
+    init: str
 
-def star_dataset(n: int = 48, seed: int = 0, token: str = TOKEN, sizes=("large",),
-                 shape: str = "star") -> shapes.ShapeDataset:
-    """n pictures of one star (or another `shape`) (colour, position, background uniform; `sizes` drawn uniformly),
-    captioned as the dataset captions its shapes, with `token` for the shape's word:
-    "a red <star> on the left", "a picture of a large blue <star>", "green <star>, top", …
+    def __post_init__(self):
+        known = {"shape": (*shapes.SHAPES, *shapes.EXTRA_SHAPES), "background": tuple(shapes.BACKGROUNDS)}
+        if self.kind not in known or self.value not in known[self.kind]:
+            raise ValueError(f"a concept is a shape {known['shape']} or a background {known['background']}; "
+                             f"found {self.kind} {self.value!r}")
 
-    Large stars only by default: the tiny VAE, which never saw a star either, reconstructs a small
-    one as a round blob (the points are 2–3 pixels), so a small star cannot be taught through it.
-    """
+
+STAR = Concept(TOKEN, "shape", "star", INIT_WORD)
+NIGHT = Concept("<night>", "background", "black", "picture")
+CONCEPTS = {"star": STAR, "night": NIGHT}
+
+
+def concept_caption(concept: Concept, obj: dict, rng: np.random.Generator) -> str:
+    """A grammar caption for one object (`shapes.caption`) that says the concept with its token:
+    the shape's word replaced ("red <star>, left"), or the token appended ("a red circle <night>").
+
+    Appended, not inserted: CLIP's text encoder is causal, so every word before the token reads
+    exactly as in the plain caption (colour, shape and position stay what the model knows) and only
+    the token and what follows it (the end token) carry the new meaning. No comma before it: in
+    the grammar a comma says a position comes next ("red circle, left")."""
+    if concept.kind == "shape":
+        return shapes.caption([obj | {"shape": concept.token}], rng)
+    return shapes.caption([obj], rng) + " " + concept.token
+
+
+def concept_dataset(concept: Concept, n: int = 48, seed: int = 0, sizes=None) -> shapes.ShapeDataset:
+    """n one-object pictures that show `concept` (colour, position uniform; `sizes` uniform),
+    captioned by `concept_caption`. A shape concept: that shape on any background, large only
+    by default (the tiny VAE, which never saw a star, reconstructs a small one as a round blob:
+    its points are 2–3 pixels). A background concept: any grammar shape (no HELD_OUT pair), any
+    size, on that background."""
+    if sizes is None:
+        sizes = ("large",) if concept.kind == "shape" else tuple(shapes.SIZES)
+    partners = shapes._partners(shapes.HELD_OUT)
     images, captions, attributes = [], [], []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
-        star = {"colour": str(rng.choice(list(shapes.COLOURS))), "shape": shape, "size": str(rng.choice(list(sizes))),
-                "position": str(rng.choice(list(shapes.POSITIONS)))}
-        star = shapes._place(rng, star)
-        background = str(rng.choice(list(shapes.BACKGROUNDS)))
-        images.append(shapes.draw([star], background))
-        captions.append(shapes.caption([star | {"shape": token}], rng))
-        attributes.append({"background": background, "shapes": [star]})
+        colour = str(rng.choice(list(shapes.COLOURS)))
+        shape = concept.value if concept.kind == "shape" else str(rng.choice(partners[colour]))
+        obj = shapes._place(rng, {"colour": colour, "shape": shape, "size": str(rng.choice(list(sizes))),
+                                  "position": str(rng.choice(list(shapes.POSITIONS)))})
+        background = concept.value if concept.kind == "background" else str(rng.choice(list(shapes.BACKGROUNDS)))
+        images.append(shapes.draw([obj], background))
+        captions.append(concept_caption(concept, obj, rng))
+        attributes.append({"background": background, "shapes": [obj]})
     return shapes.ShapeDataset(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions,
                                attributes)
 
@@ -101,13 +152,17 @@ def nearest_words(pipe, vector: torch.Tensor, k: int = 5) -> list[tuple[str, flo
 
 
 @contextmanager
-def row_override(text_encoder, token_id: int, vector: torch.Tensor):
-    """Inside the block, the token-embedding lookup gives `vector` wherever the ids are `token_id`:
-    x_i = v if id_i = token_id else E[id_i]. The table is untouched, and gradients reach v only."""
+def row_override(text_encoder, token_ids, vectors: torch.Tensor):
+    """Inside the block, the token-embedding lookup gives row k of `vectors` (n, D) wherever the
+    id is token_ids[k] (one id and a row (D,) for one token): x_i = v_k if id_i = token_ids[k] else
+    E[id_i]. The table is untouched, and gradients reach the vectors only."""
     embedding = text_encoder.text_model.embeddings.token_embedding
+    token_ids = torch.as_tensor(token_ids).reshape(-1)
+    vectors = vectors.reshape(len(token_ids), -1)
 
     def hook(module, inputs, out):
-        return torch.where((inputs[0] == token_id)[..., None], vector.to(out.dtype), out)
+        match = inputs[0][..., None] == token_ids.to(inputs[0].device)          # (B, L, n)
+        return torch.where(match.any(-1)[..., None], match.to(out.dtype) @ vectors.to(out.dtype), out)
 
     handle = embedding.register_forward_hook(hook)
     try:
@@ -116,10 +171,11 @@ def row_override(text_encoder, token_id: int, vector: torch.Tensor):
         handle.remove()
 
 
-def ti_step(pipe, vector: torch.Tensor, token_id: int, optimizer, z0: torch.Tensor, ids: torch.Tensor,
+def ti_step(pipe, vector: torch.Tensor, token_id, optimizer, z0: torch.Tensor, ids: torch.Tensor,
             t: torch.Tensor, noise: torch.Tensor, schedule: NoiseSchedule) -> float:
-    """One step of textual inversion: the ε-prediction loss with `vector` as the token's row, its
-    gradient (to `vector` only: every model weight is frozen), an optimizer step. → the loss."""
+    """One step of textual inversion: the ε-prediction loss with `vector` as the token's row (or
+    rows (n, D) for the ids `token_id`), its gradient (to `vector` only: every model weight is
+    frozen), an optimizer step. → the loss."""
     with row_override(pipe.text_encoder, token_id, vector):
         loss = noise_prediction_loss(lambda z_t, t_, c: pipe.unet(z_t, t_, pipe.text_encoder(c)),
                                      z0, t, noise, ids, schedule)
@@ -134,32 +190,36 @@ def ti_step(pipe, vector: torch.Tensor, token_id: int, optimizer, z0: torch.Tens
 @dataclass
 class TIResult:
     token: str
-    vector: torch.Tensor               # (D,): the learned row
-    initial: torch.Tensor              # (D,): the row it started from
+    vector: torch.Tensor               # (D,): the learned row ((n, D): n vectors)
+    initial: torch.Tensor              # (D,) or (n, D): the row(s) it started from
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
 
 
-def train(pipe, *, steps: int = 600, batch: int = 16, lr: float = 0.02, images: int = 48, seed: int = 0,
-          token: str = TOKEN, init: str = INIT_WORD, weight_decay: float = 0.0, time_budget: float | None = None,
-          shape: str = "star", progress: bool = True) -> TIResult:
-    """Learn `token`'s row on `images` star pictures for `steps` steps (or until `time_budget`
-    seconds), starting from the row of `init` (`shape`: another shape to teach, e.g. "square" as a
-    check that the method works on a shape the UNet can draw). Adds the token to `pipe` (if it is not there yet)
-    and leaves the learned row in its table; the model's weights are left as they were."""
+def train(pipe, concept: Concept = STAR, *, steps: int = 600, batch: int = 16, lr: float = 0.02, images: int = 48,
+          seed: int = 0, weight_decay: float = 0.0, time_budget: float | None = None,
+          timesteps: tuple[int, int] | None = None, vectors: int = 1, progress: bool = True) -> TIResult:
+    """Learn `concept.token`'s row on `images` pictures of the concept (`concept_dataset`) for
+    `steps` steps (or until `time_budget` seconds), starting from the row of `concept.init`
+    (`vectors` > 1: that many rows, tokens <t>, <t>_1, …, as diffusers' multi-vector embeddings;
+    `timesteps`: draw t from this range [lo, hi) instead of all of them). Adds the token(s) to
+    `pipe` (if not there yet) and leaves the learned rows in its table; the model's weights are
+    left as they were."""
+    token = concept.token
     if token not in pipe.tokenizer.added_tokens:
         with torch.no_grad():
-            rows = word_row(pipe, init)[None]
+            rows = word_row(pipe, concept.init)[None].repeat(vectors, 1)
         textual_inversion.load_rows(pipe, token, rows)
-    token_id = pipe.tokenizer.added_tokens[token]
-    data = star_dataset(images, seed, token, shape=shape)
+    token_id = torch.tensor([pipe.tokenizer.added_tokens[t] for t in textual_inversion.token_names(token, vectors)])
+    data = concept_dataset(concept, images, seed)
     mean, std = encode_dataset(pipe.vae, data.images, pipe.device)
-    captions = [[shapes.caption([a["shapes"][0] | {"shape": token}], np.random.default_rng([seed, i, k]))
-                 for k in range(4)] for i, a in enumerate(data.attributes)]
-    ids = pipe.tokenizer([c for cs in captions for c in cs]).view(len(captions), 4, -1)
+    captions = [[concept_caption(concept, a["shapes"][0], np.random.default_rng([seed, i, k])) for k in range(4)]
+                for i, a in enumerate(data.attributes)]
+    ids = pipe.tokenizer([textual_inversion.expand_prompt(pipe.tokenizer, c) for cs in captions for c in cs])
+    ids = ids.view(len(captions), 4, -1)
     schedule, scale = NoiseSchedule.scaled_linear(), pipe.vae.scaling_factor
-    initial = textual_inversion.token_embedding(pipe).weight[token_id].detach().clone()
+    initial = textual_inversion.token_embedding(pipe).weight[token_id].detach().clone().squeeze(0)
     vector = initial.clone().float().requires_grad_(True)
     optimizer = torch.optim.AdamW([vector], lr=lr, weight_decay=weight_decay)
     frozen = [p for m in (pipe.text_encoder, pipe.unet) for p in m.parameters() if p.requires_grad]
@@ -171,7 +231,7 @@ def train(pipe, *, steps: int = 600, batch: int = 16, lr: float = 0.02, images: 
         for step in range(steps):
             idx = torch.randint(len(mean), (batch,), generator=g)
             which = torch.randint(ids.shape[1], (batch,), generator=g)
-            t = torch.randint(schedule.num_train_timesteps, (batch,), generator=g)
+            t = torch.randint(*(timesteps or (0, schedule.num_train_timesteps)), (batch,), generator=g)
             z0 = scale * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g))
             noise = torch.randn(z0.shape, generator=g)
             losses.append(ti_step(pipe, vector, token_id, optimizer, z0.to(pipe.device), ids[idx, which], t,
@@ -184,47 +244,63 @@ def train(pipe, *, steps: int = 600, batch: int = 16, lr: float = 0.02, images: 
         for p in frozen:
             p.requires_grad_(True)
     with torch.no_grad():
-        textual_inversion.token_embedding(pipe).weight[token_id] = vector.detach()
-    settings = dict(steps=len(losses), batch=batch, lr=lr, images=images, seed=seed, init=init,
-                    weight_decay=weight_decay, torch_threads=torch.get_num_threads())
+        textual_inversion.token_embedding(pipe).weight[token_id] = vector.detach().reshape(len(token_id), -1)
+    settings = dict(concept=asdict(concept), steps=len(losses), batch=batch, lr=lr, images=images, seed=seed,
+                    weight_decay=weight_decay, timesteps=timesteps, vectors=vectors, torch_threads=torch.get_num_threads())
     return TIResult(token, vector.detach().clone(), initial, losses, time.perf_counter() - start, settings)
 
 
 # ----------------------------------------------------------------------------------- measuring
 
-def star_prompts(token: str = TOKEN) -> list[dict]:
-    """The 36 prompts the rate is measured on: 6 colours × (no position + 5 positions)."""
-    return [{"prompt": " ".join([shapes.article(c), c, token] + ([shapes.POSITION_PHRASES[p]] if p else [])),
-             "colour": c, "position": p} for c in shapes.COLOURS for p in (None, *shapes.POSITIONS)]
+def concept_prompts(concept: Concept, token: str | None = None) -> list[dict]:
+    """The 36 prompts a rate is measured on (`token`: default the concept's; "" for the plain prompts).
+    A shape: 6 colours × (no position + 5 positions), the token for the shape ("a red <star> on the
+    left"). A background: the same 36 colour–position cells of `shapes.grammar_prompts`, shapes in
+    turn (12 each), the token appended ("a red circle on the left <night>")."""
+    token = concept.token if token is None else token
+    cells = [(c, p) for c in shapes.COLOURS for p in (None, *shapes.POSITIONS)]
+    if concept.kind == "shape":
+        return [{"prompt": " ".join([shapes.article(c), c, token] + ([shapes.POSITION_PHRASES[p]] if p else [])),
+                 "colour": c, "position": p} for c, p in cells]
+    grammar = {(g["colour"], g["shape"], g["position"]): g for g in shapes.grammar_prompts()}
+    chosen = [grammar[c, shapes.SHAPES[i % len(shapes.SHAPES)], p] for i, (c, p) in enumerate(cells)]
+    return [g | {"prompt": f"{g['prompt']} {token}".strip()} for g in chosen]
 
 
-def star_rate(pipe, token: str = TOKEN, *, seeds: tuple[int, ...] = (0, 1), guidance: float = 5.0,
-              steps: int | None = None) -> dict[str, float]:
-    """Generate `star_prompts(token)` once per seed and read each picture with the analyser:
-    {"star": share whose largest shape `looks_like_star`, "colour", "position": share right
-    (position: of the prompts that ask for one), "found": share with a shape at all}."""
-    prompts = star_prompts(token)
+def concept_rate(pipe, concept: Concept = STAR, token: str | None = None, *, seeds: tuple[int, ...] = (0, 1),
+                 guidance: float = 5.0, steps: int | None = None) -> dict[str, float]:
+    """Generate `concept_prompts(concept, token)` once per seed (the pipeline's sampler and steps)
+    and read the pictures with `read_concept`."""
+    prompts = concept_prompts(concept, token)
     pixels = [pipe.generate([p["prompt"] for p in prompts], guidance=guidance, steps=steps, seed=seed,
                             progress=False).pixels for seed in seeds]
-    return read_stars(torch.cat(pixels), prompts * len(seeds))
+    return read_concept(torch.cat(pixels), concept, prompts * len(seeds))
 
 
-def read_stars(images, wanted: list[dict] | None = None) -> dict[str, float]:
-    """Shares of pictures whose largest shape is a star ("star"), is read as each grammar shape
-    ("as_circle", …), has the wanted colour and position (when `wanted` gives them)."""
-    hits = {"star": [], "colour": [], "position": [], "found": [], **{f"as_{s}": [] for s in shapes.SHAPES}}
-    for i, image in enumerate(images):
+def read_concept(images, concept: Concept = STAR, wanted: list[dict] | None = None) -> dict[str, float]:
+    """Shares of pictures that show the concept ("concept": the largest shape `looks_like_star` or is
+    read as the shape; the background `analyser.read_background` reads), whose largest shape is
+    read as each grammar shape ("as_circle", …), that are on each background ("on_black", …), and
+    the analyser's scores against `wanted` (colour, shape, position, found, stray:
+    `analyser.score_alignment`; a score none of `wanted` asks for is left out)."""
+    hits = {"concept": [], **{f"as_{s}": [] for s in shapes.SHAPES}, **{f"on_{b}": [] for b in shapes.BACKGROUNDS}}
+    for image in images:
         objects = analyser.read_scene(image, 1)["objects"]
-        got = objects[0] if objects else {"star": False, "colour": None, "position": None, "shape": None}
-        hits["star"].append(got["star"])
-        hits["found"].append(bool(objects))
+        got = objects[0] if objects else {"star": False, "shape": None}
+        background = analyser.read_background(image)
         for s in shapes.SHAPES:
             hits[f"as_{s}"].append(got["shape"] == s)
-        want = wanted[i] if wanted else {}
-        for key in ("colour", "position"):
-            if want.get(key):
-                hits[key].append(got[key] == want[key])
-    return {k: float(np.mean(v)) for k, v in hits.items() if v}
+        for b in shapes.BACKGROUNDS:
+            hits[f"on_{b}"].append(background == b)
+        if concept.kind == "background":
+            hits["concept"].append(background == concept.value)
+        else:
+            hits["concept"].append(got["star"] if concept.value == "star" else got["shape"] == concept.value)
+    rates = {k: float(np.mean(v)) for k, v in hits.items()}
+    if wanted is not None:
+        scores = analyser.score_alignment(list(images), [{"shape": None} | w for w in wanted])
+        rates |= {k: v for k, v in scores.items() if not np.isnan(v)}
+    return rates
 
 
 def unet_ceiling(pipe, n: int = 36, seed: int = 100, strength: float = 0.3) -> dict[str, float]:
@@ -233,46 +309,73 @@ def unet_ceiling(pipe, n: int = 36, seed: int = 100, strength: float = 0.3) -> d
     with prompts that name no shape ("a red shape on the left": the tiny model learned to keep
     what such a picture shows): if (2) is near 0, the UNet turns stars into shapes it knows, and
     no embedding (which only changes the text) can make it draw one."""
-    data = star_dataset(n, seed)
+    data = concept_dataset(STAR, n, seed)
     x = data.images.float() / 255
     with torch.no_grad():
         recon = pipe.vae.decode(pipe.vae.encode(x * 2 - 1).mean).clamp(-1, 1) / 2 + 0.5
     prompts = [shapes.phrase(a["shapes"][0], with_size=False, with_position=True, with_shape=False)
                for a in data.attributes]
     kept = pipe.generate(prompts, image=x, strength=strength, guidance=5.0, seed=seed, progress=False).pixels
-    return {"vae_reconstruction": read_stars(recon)["star"], f"img2img_{strength:g}": read_stars(kept)["star"]}
+    return {"vae_reconstruction": read_concept(recon)["concept"], f"img2img_{strength:g}": read_concept(kept)["concept"]}
 
 
 # ----------------------------------------------------------------------------------- command line
 
+def parse_concept(text: str) -> Concept:
+    """A name in CONCEPTS ("star", "night"), or "shape:square" / "background:beige" (token
+    "<square>", "<beige>"; from the row of "triangle" for a shape, of "picture" for a background)."""
+    if text in CONCEPTS:
+        return CONCEPTS[text]
+    kind, _, value = text.partition(":")
+    if kind not in ("shape", "background") or not value:
+        raise ValueError(f"a concept is one of {list(CONCEPTS)} or 'shape:<shape>' / 'background:<background>'; "
+                         f"found {text!r}")
+    return Concept(f"<{value.replace(' ', '-')}>", kind, value, STAR.init if kind == "shape" else NIGHT.init)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Train, measure against the initial row, save the embedding and a JSON record beside it."""
+    """Train, measure against the initial row (and the plain prompts), save the embedding and a
+    JSON record beside it."""
     p = argparse.ArgumentParser(prog="python -m sdlearn.ti_train", description=__doc__.split("\n")[0])
+    p.add_argument("--concept", default="star", help="star (a shape the UNet never saw), night (the black "
+                   "background no caption names), shape:<shape> or background:<background>")
+    p.add_argument("--init", help="the word whose row the token starts from (default: the concept's)")
     p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--vectors", type=int, default=1, help="rows for the token (diffusers' multi-vector embedding)")
     p.add_argument("--images", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(STAR_EMBEDDING))
+    p.add_argument("--out", help="the embedding file (default: sdlearn/data/<concept>_embedding.safetensors)")
     p.add_argument("--control", action="store_true",
-                   help="also teach a token squares, from the triangle's row (a shape the UNet can draw)")
+                   help="(a shape) also teach a token squares, from the triangle's row (a shape the UNet can draw)")
     args = p.parse_args(argv)
+    concept = parse_concept(args.concept)
+    if args.init:
+        concept = replace(concept, init=args.init)
     torch.set_num_threads(1)
     pipe = load_pipeline("tiny")
-    result = train(pipe, steps=args.steps, batch=args.batch, lr=args.lr, images=args.images, seed=args.seed)
-    learned = star_rate(pipe)
+    result = train(pipe, concept, steps=args.steps, batch=args.batch, lr=args.lr, images=args.images,
+                   seed=args.seed, time_budget=args.time_budget, vectors=args.vectors)
+    rates = {"learned": concept_rate(pipe, concept)}
     with torch.no_grad():
-        textual_inversion.token_embedding(pipe).weight[pipe.tokenizer.added_tokens[TOKEN]] = result.initial
-    initial = star_rate(pipe)
-    out = textual_inversion.save(args.out, TOKEN, result.vector)
-    control = _square_control(args) if args.control else None
+        ids = [pipe.tokenizer.added_tokens[t] for t in textual_inversion.token_names(concept.token, args.vectors)]
+        textual_inversion.token_embedding(pipe).weight[ids] = result.initial.reshape(len(ids), -1)
+    rates[f"initial ({concept.init}'s row)"] = concept_rate(pipe, concept)
+    if concept.kind == "background":
+        rates["without the token"] = concept_rate(pipe, concept, "")
+    out = textual_inversion.save(args.out or DATA / f"{args.concept.split(':')[-1]}_embedding.safetensors",
+                                 concept.token, result.vector)
     record = {"command": "python -m sdlearn.ti_train " + " ".join(argv if argv is not None else sys.argv[1:]),
               "seconds": round(result.seconds, 1), "settings": result.settings,
               "loss_first_25": float(np.mean(result.losses[:25])), "loss_last_25": float(np.mean(result.losses[-25:])),
-              "star_rate": {"learned": learned, "initial (triangle's row)": initial},
-              "star_rate_ceiling": unet_ceiling(pipe),
-              "nearest_words": nearest_words(pipe, result.vector), "control_square": control,
-              "machine": {"cpu_count": os.cpu_count(), "load_average_1min_at_end": round(os.getloadavg()[0], 2)}}
+              "rate": rates, "nearest_words": [nearest_words(pipe, v) for v in result.vector.reshape(args.vectors, -1)]}
+    if concept.kind == "shape" and concept.value == "star":
+        record["star_rate_ceiling"] = unet_ceiling(pipe)
+    if args.control:
+        record["control_square"] = _square_control(args)
+    record["machine"] = {"cpu_count": os.cpu_count(), "load_average_1min_at_end": round(os.getloadavg()[0], 2)}
     Path(out).with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
     return 0
@@ -281,14 +384,14 @@ def main(argv: list[str] | None = None) -> int:
 def _square_control(args) -> dict:
     """The same training on squares (a shape the UNet draws) from the triangle's row: does the
     method work where the model can draw the concept? Shares read as square, learned vs initial."""
-    pipe = load_pipeline("tiny")
-    result = train(pipe, token="<square-check>", shape="square", steps=args.steps // 2, batch=args.batch,
-                   lr=args.lr, images=args.images, seed=args.seed, progress=False)
-    learned = star_rate(pipe, "<square-check>", seeds=(0,))["as_square"]
+    pipe, square = load_pipeline("tiny"), Concept("<square-check>", "shape", "square", "triangle")
+    result = train(pipe, square, steps=args.steps // 2, batch=args.batch, lr=args.lr, images=args.images,
+                   seed=args.seed, progress=False)
+    learned = concept_rate(pipe, square, seeds=(0,))["concept"]
     with torch.no_grad():
-        textual_inversion.token_embedding(pipe).weight[pipe.tokenizer.added_tokens["<square-check>"]] = result.initial
+        textual_inversion.token_embedding(pipe).weight[pipe.tokenizer.added_tokens[square.token]] = result.initial
     return {"steps": len(result.losses), "seconds": round(result.seconds, 1), "as_square_learned": learned,
-            "as_square_initial": star_rate(pipe, "<square-check>", seeds=(0,))["as_square"],
+            "as_square_initial": concept_rate(pipe, square, seeds=(0,))["concept"],
             "nearest_words": nearest_words(pipe, result.vector, 3)}
 
 

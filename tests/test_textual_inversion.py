@@ -226,9 +226,9 @@ def test_a_learned_token_is_no_unknown_word_for_the_tiny_model(tmp_path):
 
 def test_the_analyser_reads_the_dataset_stars_as_stars_and_nothing_else():
     from sdlearn import analyser, shapes
-    from sdlearn.ti_train import star_dataset
+    from sdlearn.ti_train import STAR, concept_dataset
 
-    stars = star_dataset(200, seed=1, sizes=("small", "large"))
+    stars = concept_dataset(STAR, 200, seed=1, sizes=("small", "large"))
     read = [analyser.analyse(im.permute(1, 2, 0).numpy()) for im in stars.images]
     assert np.mean([r["star"] for r in read]) >= 0.95
     assert np.mean([r["colour"] == a["shapes"][0]["colour"] for r, a in zip(read, stars.attributes)]) >= 0.95
@@ -251,16 +251,18 @@ def test_the_star_harmonic_is_five_fold():
 
 # -- training -----------------------------------------------------------------------------------
 
-def test_a_training_step_moves_the_new_row_only():
+@pytest.mark.parametrize("name", ["STAR", "NIGHT"])
+def test_a_training_step_moves_the_new_row_only(name):
     from sdlearn import ti_train
 
+    concept = getattr(ti_train, name)
     pipe = load_pipeline("tiny")
     before = {k: v.clone() for m in (pipe.text_encoder, pipe.unet) for k, v in m.state_dict().items()}
     trainable = [p.requires_grad for p in pipe.unet.parameters()]
-    result = ti_train.train(pipe, steps=3, batch=4, images=8, progress=False)
+    result = ti_train.train(pipe, concept, steps=3, batch=4, images=8, progress=False)
     after = {k: v for m in (pipe.text_encoder, pipe.unet) for k, v in m.state_dict().items()}
-    row = pipe.tokenizer.added_tokens["<star>"]
-    assert torch.equal(result.initial, ti_train.word_row(pipe, "triangle"))
+    row = pipe.tokenizer.added_tokens[concept.token]
+    assert torch.equal(result.initial, ti_train.word_row(pipe, concept.init))
     assert not torch.equal(result.vector, result.initial) and torch.equal(table(pipe)[row], result.vector)
     name = "text_model.embeddings.token_embedding.weight"
     assert torch.equal(after[name][:row], before[name])
@@ -268,16 +270,20 @@ def test_a_training_step_moves_the_new_row_only():
     assert [p.requires_grad for p in pipe.unet.parameters()] == trainable     # as they were
 
 
-def test_the_shipped_star_embedding_loads_in_sdlearn_and_diffusers():
-    from sdlearn.ti_train import STAR_EMBEDDING
+@pytest.mark.parametrize("name, prompts", [("STAR", ["a red <star> on the left", "a picture of a large <star>"]),
+                                           ("NIGHT", ["a red circle on the left <night>", "<night> blue square, top"])])
+def test_the_shipped_embeddings_load_in_sdlearn_and_diffusers(name, prompts):
+    from sdlearn import ti_train
 
+    path, token = getattr(ti_train, f"{name}_EMBEDDING"), getattr(ti_train, name).token
+    rows = textual_inversion.read_embeddings(path)[1]
     ours, ref = pair(TINY)
-    assert ours.load_textual_inversion(STAR_EMBEDDING) == ["<star>"]
-    ref.load_textual_inversion(str(STAR_EMBEDDING))
-    check_parity(ours, ref, ["a red <star> on the left", "a picture of a large <star>"])
+    assert ours.load_textual_inversion(path) == textual_inversion.token_names(token, len(rows))
+    ref.load_textual_inversion(str(path))
+    check_parity(ours, ref, prompts)                 # the night file's 8 vectors: "<night> <night>_1 … _7"
     tiny = load_pipeline("tiny")
-    tiny.load_textual_inversion(STAR_EMBEDDING)
-    assert table(tiny).shape == (49409, 64)
+    tiny.load_textual_inversion(path)
+    assert table(tiny).shape == (49408 + len(rows), 64) and torch.equal(table(tiny)[49408:], rows)
 
 
 def test_nearest_words_by_cosine_similarity():
