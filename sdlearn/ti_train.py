@@ -1,10 +1,11 @@
 """Training textual inversion on the tiny model: one new word for a concept, the model frozen.
 
 Textual inversion (Gal et al. 2022) teaches a model a word without changing it: a new token's
-embedding row v is the only thing learned. A `Concept` says what the word names and where it
-goes in a caption: a shape ("a red <star> on the left": the token in the shape word's place) or
-a background ("a red circle on the left <night>": appended; the tiny model's pictures have five
-backgrounds, `shapes.BACKGROUNDS`, that no caption ever names):
+embedding row v is the only thing learned. A `Concept` (sdlearn/ti_concepts.py) says what the word
+names and where it goes in a caption: a shape ("a red <star> on the left": the token in the shape
+word's place), a background ("a red circle on the left <night>": appended; the tiny model's
+pictures have five backgrounds, `shapes.BACKGROUNDS`, that no caption ever names) or an object, a
+colour–shape pair ("a small <ptri> at the top": the token for both words):
 
     v₀ = E[concept.init]                        start from a word the model knows
     captions `concept_caption`                  the grammar, with the token
@@ -21,7 +22,7 @@ result is saved in diffusers' format (learned_embeds.safetensors) and loads back
     concept_rate(pipe, NIGHT)                     # how often "… <night>" draws a black background
     pipe.load_textual_inversion(NIGHT_EMBEDDING)  # the shipped result, without training
 
-A lesson in two runs (one CPU thread of a shared 2-core machine; the JSON records beside the
+A lesson in three runs (one CPU thread of a shared 2-core machine; the JSON records beside the
 shipped files hold the figures): textual inversion can only *name* what the model already draws
 in answer to its text.
 - `<night>` (sdlearn/data/night_embedding.json), 8 vectors from the row of "picture": the
@@ -40,10 +41,21 @@ in answer to its text.
   reconstructions read as stars), but image-to-image from star pictures at strength 0.3, prompts
   naming no shape, keeps none (0 %): the UNet turns a star into a shape it knows, and an
   embedding changes only the text it reads.
+- `<ptri>` (sdlearn/data/ptri_embedding.json), one vector from the row of "triangle": a purple
+  triangle, one of the `shapes.HELD_OUT` pairs no training picture showed. 600 steps at lr 0.05
+  in 99 s; of the 36 pictures (18 prompts, sizes × positions, × 2 seeds) 100 % are purple
+  triangles where and as large as asked; the initial row drew triangles (94 %), never purple (0 %).
+  The learned row lies between the two words' rows (cosine 0.51 to "purple", 0.44 to "triangle",
+  under 0.21 to every other word the model knows). Starting from "purple" (whose row drew purple
+  squares, 83 %, and circles, never a triangle) gives the same 100 %. So does the plain "purple triangle"
+  (100 %), as does the trained pair "red triangle": the UNet composes the unseen pair from the two
+  words, and textual inversion finds one row that says both, as it can for anything the model
+  draws from its text.
 
 Command lines (the shipped embeddings were made so; their JSON records hold them):
     python -m sdlearn.ti_train --concept night --steps 600 --lr 0.1 --vectors 8 --out sdlearn/data/night_embedding.safetensors
     python -m sdlearn.ti_train --steps 600 --control --out sdlearn/data/star_embedding.safetensors
+    python -m sdlearn.ti_train --concept ptri --steps 600 --lr 0.05 --out sdlearn/data/ptri_embedding.safetensors
 """
 from __future__ import annotations
 
@@ -60,76 +72,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import analyser, shapes, textual_inversion
+from . import shapes, textual_inversion
 from .pipeline import load_pipeline
 from .schedule import NoiseSchedule
+from .ti_concepts import (CONCEPTS, NIGHT, PTRI, STAR, Concept, concept_caption, concept_dataset, concept_prompts,
+                          concept_rate, parse_concept, read_concept)
 from .train import encode_dataset, noise_prediction_loss
 
-TOKEN = "<star>"
-INIT_WORD = "triangle"
+__all__ = ["CONCEPTS", "NIGHT", "PTRI", "STAR", "Concept", "concept_caption", "concept_dataset", "concept_prompts",
+           "concept_rate", "parse_concept", "read_concept",                         # from ti_concepts
+           "word_row", "nearest_words", "row_override", "ti_step", "TIResult", "train", "unet_ceiling", "main"]
+TOKEN, INIT_WORD = STAR.token, STAR.init
 DATA = Path(__file__).parent / "data"
 STAR_EMBEDDING = DATA / "star_embedding.safetensors"
 NIGHT_EMBEDDING = DATA / "night_embedding.safetensors"
-
-
-@dataclass(frozen=True)
-class Concept:
-    """What a new token names, and where it goes in a caption:
-    kind "shape": a shape's word is replaced ("a red <star> on the left"), value a shape `shapes.draw`
-    knows; kind "background": the token is appended to a grammar caption ("a red circle on the left
-    <night>"), value one of `shapes.BACKGROUNDS`. `init`: the word whose row the token starts from."""
-    token: str
-    kind: str
-    value: str
-    init: str
-
-    def __post_init__(self):
-        known = {"shape": (*shapes.SHAPES, *shapes.EXTRA_SHAPES), "background": tuple(shapes.BACKGROUNDS)}
-        if self.kind not in known or self.value not in known[self.kind]:
-            raise ValueError(f"a concept is a shape {known['shape']} or a background {known['background']}; "
-                             f"found {self.kind} {self.value!r}")
-
-
-STAR = Concept(TOKEN, "shape", "star", INIT_WORD)
-NIGHT = Concept("<night>", "background", "black", "picture")
-CONCEPTS = {"star": STAR, "night": NIGHT}
-
-
-def concept_caption(concept: Concept, obj: dict, rng: np.random.Generator) -> str:
-    """A grammar caption for one object (`shapes.caption`) that says the concept with its token:
-    the shape's word replaced ("red <star>, left"), or the token appended ("a red circle <night>").
-
-    Appended, not inserted: CLIP's text encoder is causal, so every word before the token reads
-    exactly as in the plain caption (colour, shape and position stay what the model knows) and only
-    the token and what follows it (the end token) carry the new meaning. No comma before it: in
-    the grammar a comma says a position comes next ("red circle, left")."""
-    if concept.kind == "shape":
-        return shapes.caption([obj | {"shape": concept.token}], rng)
-    return shapes.caption([obj], rng) + " " + concept.token
-
-
-def concept_dataset(concept: Concept, n: int = 48, seed: int = 0, sizes=None) -> shapes.ShapeDataset:
-    """n one-object pictures that show `concept` (colour, position uniform; `sizes` uniform),
-    captioned by `concept_caption`. A shape concept: that shape on any background, large only
-    by default (the tiny VAE, which never saw a star, reconstructs a small one as a round blob:
-    its points are 2–3 pixels). A background concept: any grammar shape (no HELD_OUT pair), any
-    size, on that background."""
-    if sizes is None:
-        sizes = ("large",) if concept.kind == "shape" else tuple(shapes.SIZES)
-    partners = shapes._partners(shapes.HELD_OUT)
-    images, captions, attributes = [], [], []
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        colour = str(rng.choice(list(shapes.COLOURS)))
-        shape = concept.value if concept.kind == "shape" else str(rng.choice(partners[colour]))
-        obj = shapes._place(rng, {"colour": colour, "shape": shape, "size": str(rng.choice(list(sizes))),
-                                  "position": str(rng.choice(list(shapes.POSITIONS)))})
-        background = concept.value if concept.kind == "background" else str(rng.choice(list(shapes.BACKGROUNDS)))
-        images.append(shapes.draw([obj], background))
-        captions.append(concept_caption(concept, obj, rng))
-        attributes.append({"background": background, "shapes": [obj]})
-    return shapes.ShapeDataset(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions,
-                               attributes)
+PTRI_EMBEDDING = DATA / "ptri_embedding.safetensors"
 
 
 # ----------------------------------------------------------------------------------- the new row
@@ -142,13 +99,21 @@ def word_row(pipe, word: str) -> torch.Tensor:
     return textual_inversion.token_embedding(pipe).weight[ids[0]].detach().clone()
 
 
-def nearest_words(pipe, vector: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
-    """The k vocabulary words whose rows are nearest to `vector` by cosine similarity
-    cos(v, E_i) = v·E_i / (‖v‖ ‖E_i‖), best first: what a learned embedding is "near"."""
-    table = textual_inversion.token_embedding(pipe).weight.detach()[:len(pipe.tokenizer.encoder)]
-    cos = F.cosine_similarity(table, vector.detach().to(table)[None], dim=-1)
-    best = cos.topk(k)
-    return [(pipe.tokenizer.decode([i]), round(c, 4)) for i, c in zip(best.indices.tolist(), best.values.tolist())]
+def nearest_words(pipe, vector: torch.Tensor, k: int = 5, words: list[str] | None = None) -> list[tuple[str, float]]:
+    """The k words whose rows are nearest to `vector` by cosine similarity
+    cos(v, E_i) = v·E_i / (‖v‖ ‖E_i‖), best first: what a learned embedding is "near". Among the
+    whole vocabulary, or only `words` (one token each), e.g. `pipe.vocabulary["words"]`, the words
+    the tiny model was trained on: its other 49k rows never got a gradient and are noise."""
+    table = textual_inversion.token_embedding(pipe).weight.detach()
+    if words is None:
+        names, rows = None, table[:len(pipe.tokenizer.encoder)]
+    else:
+        names = list(words)
+        rows = torch.stack([word_row(pipe, w) for w in names]).to(table)
+    cos = F.cosine_similarity(rows, vector.detach().to(table)[None], dim=-1)
+    best = cos.topk(min(k, len(rows)))
+    return [(pipe.tokenizer.decode([i]) if names is None else names[i], round(c, 4))
+            for i, c in zip(best.indices.tolist(), best.values.tolist())]
 
 
 @contextmanager
@@ -252,57 +217,6 @@ def train(pipe, concept: Concept = STAR, *, steps: int = 600, batch: int = 16, l
 
 # ----------------------------------------------------------------------------------- measuring
 
-def concept_prompts(concept: Concept, token: str | None = None) -> list[dict]:
-    """The 36 prompts a rate is measured on (`token`: default the concept's; "" for the plain prompts).
-    A shape: 6 colours × (no position + 5 positions), the token for the shape ("a red <star> on the
-    left"). A background: the same 36 colour–position cells of `shapes.grammar_prompts`, shapes in
-    turn (12 each), the token appended ("a red circle on the left <night>")."""
-    token = concept.token if token is None else token
-    cells = [(c, p) for c in shapes.COLOURS for p in (None, *shapes.POSITIONS)]
-    if concept.kind == "shape":
-        return [{"prompt": " ".join([shapes.article(c), c, token] + ([shapes.POSITION_PHRASES[p]] if p else [])),
-                 "colour": c, "position": p} for c, p in cells]
-    grammar = {(g["colour"], g["shape"], g["position"]): g for g in shapes.grammar_prompts()}
-    chosen = [grammar[c, shapes.SHAPES[i % len(shapes.SHAPES)], p] for i, (c, p) in enumerate(cells)]
-    return [g | {"prompt": f"{g['prompt']} {token}".strip()} for g in chosen]
-
-
-def concept_rate(pipe, concept: Concept = STAR, token: str | None = None, *, seeds: tuple[int, ...] = (0, 1),
-                 guidance: float = 5.0, steps: int | None = None) -> dict[str, float]:
-    """Generate `concept_prompts(concept, token)` once per seed (the pipeline's sampler and steps)
-    and read the pictures with `read_concept`."""
-    prompts = concept_prompts(concept, token)
-    pixels = [pipe.generate([p["prompt"] for p in prompts], guidance=guidance, steps=steps, seed=seed,
-                            progress=False).pixels for seed in seeds]
-    return read_concept(torch.cat(pixels), concept, prompts * len(seeds))
-
-
-def read_concept(images, concept: Concept = STAR, wanted: list[dict] | None = None) -> dict[str, float]:
-    """Shares of pictures that show the concept ("concept": the largest shape `looks_like_star` or is
-    read as the shape; the background `analyser.read_background` reads), whose largest shape is
-    read as each grammar shape ("as_circle", …), that are on each background ("on_black", …), and
-    the analyser's scores against `wanted` (colour, shape, position, found, stray:
-    `analyser.score_alignment`; a score none of `wanted` asks for is left out)."""
-    hits = {"concept": [], **{f"as_{s}": [] for s in shapes.SHAPES}, **{f"on_{b}": [] for b in shapes.BACKGROUNDS}}
-    for image in images:
-        objects = analyser.read_scene(image, 1)["objects"]
-        got = objects[0] if objects else {"star": False, "shape": None}
-        background = analyser.read_background(image)
-        for s in shapes.SHAPES:
-            hits[f"as_{s}"].append(got["shape"] == s)
-        for b in shapes.BACKGROUNDS:
-            hits[f"on_{b}"].append(background == b)
-        if concept.kind == "background":
-            hits["concept"].append(background == concept.value)
-        else:
-            hits["concept"].append(got["star"] if concept.value == "star" else got["shape"] == concept.value)
-    rates = {k: float(np.mean(v)) for k, v in hits.items()}
-    if wanted is not None:
-        scores = analyser.score_alignment(list(images), [{"shape": None} | w for w in wanted])
-        rates |= {k: v for k, v in scores.items() if not np.isnan(v)}
-    return rates
-
-
 def unet_ceiling(pipe, n: int = 36, seed: int = 100, strength: float = 0.3) -> dict[str, float]:
     """Can this model hold a star at all? Star rates of (1) the VAE's reconstructions of star
     pictures (what the decoder can show) and (2) image-to-image from them at a low `strength`
@@ -321,24 +235,13 @@ def unet_ceiling(pipe, n: int = 36, seed: int = 100, strength: float = 0.3) -> d
 
 # ----------------------------------------------------------------------------------- command line
 
-def parse_concept(text: str) -> Concept:
-    """A name in CONCEPTS ("star", "night"), or "shape:square" / "background:beige" (token
-    "<square>", "<beige>"; from the row of "triangle" for a shape, of "picture" for a background)."""
-    if text in CONCEPTS:
-        return CONCEPTS[text]
-    kind, _, value = text.partition(":")
-    if kind not in ("shape", "background") or not value:
-        raise ValueError(f"a concept is one of {list(CONCEPTS)} or 'shape:<shape>' / 'background:<background>'; "
-                         f"found {text!r}")
-    return Concept(f"<{value.replace(' ', '-')}>", kind, value, STAR.init if kind == "shape" else NIGHT.init)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Train, measure against the initial row (and the plain prompts), save the embedding and a
     JSON record beside it."""
     p = argparse.ArgumentParser(prog="python -m sdlearn.ti_train", description=__doc__.split("\n")[0])
     p.add_argument("--concept", default="star", help="star (a shape the UNet never saw), night (the black "
-                   "background no caption names), shape:<shape> or background:<background>")
+                   "background no caption names), ptri (the held-out purple triangle), shape:<shape>, "
+                   "background:<background> or object:<colour>-<shape>")
     p.add_argument("--init", help="the word whose row the token starts from (default: the concept's)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
@@ -365,12 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     rates[f"initial ({concept.init}'s row)"] = concept_rate(pipe, concept)
     if concept.kind == "background":
         rates["without the token"] = concept_rate(pipe, concept, "")
+    if concept.kind == "object":
+        rates[f"the words '{concept.words}'"] = concept_rate(pipe, concept, concept.words)
+        reference = trained_pair(concept)
+        rates[f"a trained pair's words '{reference.words}'"] = concept_rate(pipe, reference, reference.words)
     out = textual_inversion.save(args.out or DATA / f"{args.concept.split(':')[-1]}_embedding.safetensors",
                                  concept.token, result.vector)
+    vocabulary = pipe.vocabulary and pipe.vocabulary["words"]          # the words the tiny model learned
     record = {"command": "python -m sdlearn.ti_train " + " ".join(argv if argv is not None else sys.argv[1:]),
               "seconds": round(result.seconds, 1), "settings": result.settings,
               "loss_first_25": float(np.mean(result.losses[:25])), "loss_last_25": float(np.mean(result.losses[-25:])),
-              "rate": rates, "nearest_words": [nearest_words(pipe, v) for v in result.vector.reshape(args.vectors, -1)]}
+              "rate": rates, "nearest_words": [nearest_words(pipe, v, words=vocabulary) for v in result.vector.reshape(args.vectors, -1)]}
     if concept.kind == "shape" and concept.value == "star":
         record["star_rate_ceiling"] = unet_ceiling(pipe)
     if args.control:
@@ -379,6 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     Path(out).with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
     return 0
+
+
+def trained_pair(concept: Concept) -> Concept:
+    """A pair the tiny model was trained on, for reference: the object's shape in the first colour
+    whose pair with it is not in `shapes.HELD_OUT` ("purple triangle" → "red triangle")."""
+    shape = concept.value[1]
+    colour = next(c for c in shapes.COLOURS if not shapes.is_held_out(c, shape) and c != concept.value[0])
+    return Concept(f"<{colour}-{shape}>", "object", (colour, shape), shape)
 
 
 def _square_control(args) -> dict:

@@ -251,7 +251,7 @@ def test_the_star_harmonic_is_five_fold():
 
 # -- training -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["STAR", "NIGHT"])
+@pytest.mark.parametrize("name", ["STAR", "NIGHT", "PTRI"])
 def test_a_training_step_moves_the_new_row_only(name):
     from sdlearn import ti_train
 
@@ -271,7 +271,8 @@ def test_a_training_step_moves_the_new_row_only(name):
 
 
 @pytest.mark.parametrize("name, prompts", [("STAR", ["a red <star> on the left", "a picture of a large <star>"]),
-                                           ("NIGHT", ["a red circle on the left <night>", "<night> blue square, top"])])
+                                           ("NIGHT", ["a red circle on the left <night>", "<night> blue square, top"]),
+                                           ("PTRI", ["a small <ptri> at the top", "<ptri>, left"])])
 def test_the_shipped_embeddings_load_in_sdlearn_and_diffusers(name, prompts):
     from sdlearn import ti_train
 
@@ -295,3 +296,5 @@ def test_nearest_words_by_cosine_similarity():
     assert nearest_words(pipe, 3 * row, 1) == [("square", 1.0)]          # the length does not matter
     with pytest.raises(ValueError, match="2 tokens"):
         word_row(pipe, "red circle")
+    among = nearest_words(pipe, row + word_row(pipe, "purple"), 2, words=pipe.vocabulary["words"])
+    assert [w for w, _ in among] == ["purple", "square"] or [w for w, _ in among] == ["square", "purple"]
