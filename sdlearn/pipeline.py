@@ -305,7 +305,7 @@ class Pipeline:
         check_syntax(prompt_syntax)
         if prompt_syntax is not None and attention_maps:
             raise ValueError("attention_maps=True reads plain prompts only; use prompt_syntax=None with it")
-        if prompt_embeds is not None:
+        if prompt_embeds is not None or negative_prompt_embeds is not None:
             prompt = check_embeds(self, prompt, prompt_embeds, negative_prompt_embeds)
         with torch.inference_mode(), using_threads(threads):
             req = make_request(self, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,

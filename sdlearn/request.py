@@ -170,6 +170,9 @@ def prompt_list(prompt, name: str) -> list[str]:
 def check_embeds(pipe, prompt, prompt_embeds, negative_embeds) -> list[str]:
     """`generate(prompt_embeds=…)`: checks the conditioning given instead of a prompt, and returns
     the prompt list that stands for it ("" per row: nothing to tokenize, nothing to warn about)."""
+    if prompt_embeds is None:
+        raise ValueError("negative_prompt_embeds needs prompt_embeds too; with a text prompt, pass negative_prompt "
+                         "as text instead")
     if prompt is not None:
         raise ValueError("pass either prompt or prompt_embeds, not both: prompt_embeds replaces the encoded prompt")
     width = pipe.text_encoder.config.hidden_size
@@ -177,9 +180,12 @@ def check_embeds(pipe, prompt, prompt_embeds, negative_embeds) -> list[str]:
         if e is None:
             continue
         if not isinstance(e, torch.Tensor) or e.dim() != 3 or e.shape[-1] != width or not e.is_floating_point():
-            got = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
+            got = f"a {e.dtype} tensor of shape {tuple(e.shape)}" if isinstance(e, torch.Tensor) else type(e).__name__
             raise ValueError(f"{name} must be a float tensor (B, tokens, {width}), the text encoder's output "
                              f"(pipe.encode_prompts); got {got}")
+        if e.shape[1] % 77:
+            raise ValueError(f"{name} has {e.shape[1]} tokens; the text encoder gives 77 per prompt (77·k for a long "
+                             "weighted prompt): pass pipe.encode_prompts' output, or slices of whole 77-token chunks")
     if negative_embeds is not None and negative_embeds.shape[0] not in (1, prompt_embeds.shape[0]):
         raise ValueError(f"negative_prompt_embeds has {negative_embeds.shape[0]} rows, prompt_embeds "
                          f"{prompt_embeds.shape[0]}; pass one row or one per prompt")

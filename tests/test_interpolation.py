@@ -109,3 +109,13 @@ def test_prompt_embeds_bad_input():
         pipe.generate(prompt_embeds=torch.zeros(1, 77, 768), progress=False)
     with pytest.raises(ValueError, match="one row or one per prompt"):
         pipe.generate(prompt_embeds=cond.repeat(3, 1, 1), negative_prompt_embeds=cond.repeat(2, 1, 1), progress=False)
+
+
+def test_prompt_embeds_more_bad_input():
+    pipe = sdlearn.load_pipeline("tiny")
+    with pytest.raises(ValueError, match="needs prompt_embeds too"):
+        pipe.generate("a red circle", negative_prompt_embeds=torch.zeros(1, 77, 64), progress=False)
+    with pytest.raises(ValueError, match="torch.int64"):
+        pipe.generate(prompt_embeds=torch.zeros(1, 77, 64, dtype=torch.long), progress=False)
+    with pytest.raises(ValueError, match="10 tokens"):
+        pipe.generate(prompt_embeds=torch.zeros(1, 10, 64), progress=False)
