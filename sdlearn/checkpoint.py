@@ -106,7 +106,9 @@ class _TorchPickle:
         return self.sd[key]
 
 
-def _open_tensor_file(path: Path):
+def open_tensor_file(path: Path):
+    """A .safetensors file (memory-mapped, headers read) or a .ckpt/.pt/.pth/.bin pickle (loaded with
+    weights_only=True): an object with keys() and [key] → tensor. Used by sdlearn.lora too."""
     if path.suffix == ".safetensors":
         return SafetensorsFile(path)
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
@@ -138,7 +140,7 @@ def open_checkpoint(source: str | os.PathLike, config: ModelConfig | None = None
 
 
 def _open_single_file(path: Path, config: ModelConfig | None = None) -> Checkpoint:
-    f = _open_tensor_file(path)
+    f = open_tensor_file(path)
     keys = f.keys()
     layout = detect_layout(keys, path.name)
     shapes_all = {k: _shape_dtype(f, k) for k in keys}
@@ -224,7 +226,7 @@ def _open_diffusers_folder(folder: Path) -> Checkpoint:
                               "the standard 4-channel SD v1.x models: use a standard one and pass mask=")
     ckpt = Checkpoint(str(folder), "diffusers", config, {}, {}, {})
     for comp in COMPONENTS:
-        f = _open_tensor_file(_diffusers_weight_file(folder, comp))
+        f = open_tensor_file(_diffusers_weight_file(folder, comp))
         for k in f.keys():
             if comp == "text_encoder" and k.endswith("position_ids"):
                 continue

@@ -42,6 +42,7 @@ back bit for bit (float rounding), hence the kept reference. What that reference
   the same as diffusers' own `fuse_lora`.
 
 Loading a second LoRA adds its ΔW to the already fused weight; `unload` removes every LoRA.
+The same file loaded twice is therefore applied twice (2·ΔW): allowed, with a warning.
 
     pipe.load_lora("outline.safetensors", scale=0.8)     # = lora.load(pipe, path, scale)
     pipe.unload_lora()                                   # = lora.unload(pipe)
@@ -49,8 +50,11 @@ Loading a second LoRA adds its ΔW to the already fused weight; `unload` removes
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +62,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .checkpoint import _open_tensor_file
+from .checkpoint import open_tensor_file
 from .layouts import to_original_key, unet_block_rules
 from .safetensors_file import CheckpointError
 
@@ -110,15 +114,31 @@ class LoRAFile:
 
 # ----------------------------------------------------------------------------------- the formula
 
+def check_rank(down: torch.Tensor, up: torch.Tensor, name: str = "a LoRA layer") -> int:
+    """r, the rank both factors must share: down (r, in…) and up (out, r…); else a LoRAError."""
+    r = down.shape[0]
+    if up.shape[1] != r:
+        raise LoRAError(f"{name} has a rank mismatch: down {tuple(down.shape)} (rank {r}) but up "
+                        f"{tuple(up.shape)} (rank {up.shape[1]})")
+    return r
+
+
+def check_scale(scale) -> float:
+    """The user's scale s as a float: a finite real number (int or float, not bool); else a
+    TypeError or ValueError, raised before anything changes."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number such as 0.8 (int or float); got {type(scale).__name__} {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number such as 0.8; got {scale}")
+    return float(scale)
+
+
 def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha: float | None, scale: float = 1.0) -> torch.Tensor:
     """ΔW = scale · (α / r) · up @ down, in float32.
 
     down (r, in) and up (out, r) → (out, in); conv kernels down (r, in, k, k) and up
     (out, r, 1, 1) → (out, in, k, k). alpha None means α = r."""
-    r = down.shape[0]
-    if up.shape[1] != r:
-        raise LoRAError(f"rank mismatch: down has rank {r} {tuple(down.shape)} but up expects "
-                        f"{up.shape[1]} {tuple(up.shape)}")
+    r = check_rank(down, up)
     if up.dim() == 4 and up.shape[2:] != (1, 1):
         raise LoRAError(f"an up conv of kernel {tuple(up.shape[2:])}: only 1×1 up convs (LoCon) are supported")
     factor = scale * (r if alpha is None else alpha) / r
@@ -171,7 +191,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     path = Path(path).expanduser()
     if not path.is_file():
         raise LoRAError(f"{path}: no such file; expected a LoRA .safetensors (or .pt) file")
-    f = _open_tensor_file(path)
+    f = open_tensor_file(path)
     return {k: f[k] for k in f.keys()}, dict(getattr(f, "metadata", {}) or {})
 
 
@@ -296,9 +316,7 @@ def resolve(lora: LoRAFile, pipe) -> dict[tuple[str, str], LoRALayer]:
             raise LoRAError(f"{lora.name}: this model has no layer {file_module!r} "
                             f"(is the file for another model? this pipeline is {describe(pipe)})")
         weight = modules[target[1]].weight
-        if layer.up.shape[1] != layer.rank:
-            raise LoRAError(f"{lora.name}: {file_module} has a rank mismatch: down {tuple(layer.down.shape)} "
-                            f"(rank {layer.rank}) but up {tuple(layer.up.shape)} (rank {layer.up.shape[1]})")
+        check_rank(layer.down, layer.up, f"{lora.name}: {file_module}")
         got = (layer.up.shape[0], *layer.down.shape[1:])
         if not fits(tuple(weight.shape), got):
             raise LoRAError(f"{lora.name}: {file_module} makes a {list(got)} update but {target[1]} is "
@@ -337,6 +355,7 @@ class Loaded:
     scale: float
     layers: dict[str, int]
     ranks: tuple[int, ...]
+    path: Path | None = None        # resolved: the same file loaded twice is noticed (`load` warns)
 
 
 def apply(pipe, layers: dict[tuple[str, str], LoRALayer], scale: float = 1.0) -> None:
@@ -350,14 +369,24 @@ def apply(pipe, layers: dict[tuple[str, str], LoRALayer], scale: float = 1.0) ->
 
 def load(pipe, path: str | os.PathLike, scale: float = 1.0) -> Loaded:
     """Read a kohya or diffusers/PEFT LoRA file and fuse it into the pipeline's UNet and text
-    encoder at `scale`. Every check runs before any weight changes. Returns what was loaded."""
+    encoder at `scale`. Every check runs before any weight changes. Returns what was loaded.
+
+    Loading adds: the same file loaded again is fused twice (2·ΔW at equal scales), which `load`
+    allows — two LoRAs add by design — but warns about."""
+    scale = check_scale(scale)
     lora = read(path)
     layers = resolve(lora, pipe)
     apply(pipe, layers, scale)
     counts = {c: sum(1 for comp, _ in layers if comp == c) for c in COMPONENTS}
-    loaded = Loaded(lora.name, lora.format, scale, counts, tuple(sorted({l.rank for l in layers.values()})))
-    pipe.__dict__.setdefault("_loras", []).append(loaded)
-    return loaded
+    resolved = Path(path).expanduser().resolve()
+    earlier = [l.scale for l in loaded(pipe) if l.path == resolved]
+    if earlier:
+        warnings.warn(f"{lora.name} was already loaded (scale {', '.join(f'{s:g}' for s in earlier)}); it is now "
+                      f"applied {len(earlier) + 1} times (total scale {sum(earlier) + scale:g}); "
+                      "pipe.unload_lora() removes every LoRA, then load it once", UserWarning, stacklevel=3)
+    done = Loaded(lora.name, lora.format, scale, counts, tuple(sorted({l.rank for l in layers.values()})), resolved)
+    pipe.__dict__.setdefault("_loras", []).append(done)
+    return done
 
 
 def unload(pipe) -> int:
@@ -369,6 +398,12 @@ def unload(pipe) -> int:
 def loaded(pipe) -> list[Loaded]:
     """The LoRAs fused into the pipeline now, in loading order."""
     return list(pipe.__dict__.get("_loras", []))
+
+
+def summary(pipe) -> str:
+    """The loaded LoRAs for Pipeline's repr: "LoRA outline.safetensors×1, style.safetensors×0.5" ('' if none)."""
+    names = [f"{l.name}×{l.scale:g}" for l in loaded(pipe)]
+    return "LoRA " + ", ".join(names) if names else ""
 
 
 # ----------------------------------------------------------------------------------- saving

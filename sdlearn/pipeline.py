@@ -126,7 +126,8 @@ class Pipeline:
     def __repr__(self) -> str:
         params = {c: sum(p.numel() for p in getattr(self, c).parameters()) / 1e6 for c in COMPONENTS}
         sizes = ", ".join(f"{c} {n:.1f}M" for c, n in params.items())
-        return f"Pipeline({self.source!r}, {self.device}, {str(self.dtype).replace('torch.', '')}; {sizes})"
+        added = [x for x in (lora.summary(self), textual_inversion.summary(self.tokenizer)) if x]   # "; LoRA …; tokens …"
+        return f"Pipeline({self.source!r}, {self.device}, {str(self.dtype).replace('torch.', '')}; {'; '.join([sizes, *added])})"
 
     # -- sizes and defaults -------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ The result equals diffusers' `StableDiffusionPipeline.load_textual_inversion` on
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -207,3 +208,12 @@ def save(path: str | os.PathLike, token: str, rows: torch.Tensor) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({token: as_rows(rows).contiguous()}, str(path))
     return path
+
+
+def summary(tokenizer) -> str:
+    """The added tokens for Pipeline's repr: "tokens <ptri> <night>×8" (×n: n vectors; '' if none)."""
+    added = getattr(tokenizer, "added_tokens", None) or {}
+    later = {t for t in added if re.fullmatch(r".+_\d+", t) and t.rsplit("_", 1)[0] in added}   # <night>_1 …
+    shown = [t + (f"×{n}" if (n := 1 + sum(u.rsplit("_", 1)[0] == t for u in later)) > 1 else "")
+             for t in added if t not in later]
+    return "tokens " + " ".join(shown) if shown else ""

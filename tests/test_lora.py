@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,6 +176,13 @@ def test_conv_delta_equals_the_two_convolutions_it_replaces():
     assert rel_err(fused, side) < 1e-5
 
 
+def test_one_rank_check_for_the_formula_and_for_files():
+    """lora_delta and resolve raise the same error (check_rank); the file's version names the layer."""
+    with pytest.raises(lora.LoRAError, match=r"rank mismatch: down \(4, 6\) \(rank 4\) but up \(5, 3\) \(rank 3\)"):
+        lora.lora_delta(torch.zeros(4, 6), torch.zeros(5, 3), alpha=None)
+    assert lora.check_rank(torch.zeros(4, 6), torch.zeros(5, 4)) == 4
+
+
 def test_linear_updates_fit_1x1_convs_and_nothing_else():
     assert lora.fits((64, 32, 1, 1), (64, 32)) and lora.fits((64, 32), (64, 32, 1, 1)) and lora.fits((8, 4, 3, 3), (8, 4, 3, 3))
     assert not lora.fits((64, 32, 3, 3), (64, 32)) and not lora.fits((64, 32), (32, 64))
@@ -221,6 +230,37 @@ def test_two_loras_add(ours, ref, files, clean):
     ours.load_lora(files["peft"], -0.4)
     assert [x.name for x in lora.loaded(ours)] == ["kohya.safetensors", "peft.safetensors"]
     assert_parity(ours, ref)
+
+
+def test_a_scale_must_be_a_finite_real_number_and_nothing_changes_otherwise(ours, files, clean):
+    before = {k: v.clone() for k, v in ours.unet.state_dict().items()}
+    for scale, error in (("0.5", TypeError), (True, TypeError), (None, TypeError), (torch.tensor(0.5), TypeError),
+                         (float("nan"), ValueError), (float("inf"), ValueError), (-float("inf"), ValueError)):
+        with pytest.raises(error, match="scale must be a") as exc:
+            ours.load_lora(files["kohya"], scale)
+        assert "\n" not in str(exc.value) and "such as 0.8" in str(exc.value)
+        assert lora.loaded(ours) == [] and all(torch.equal(v, before[k]) for k, v in ours.unet.state_dict().items())
+    assert ours.load_lora(files["kohya"], 1).scale == 1.0 and isinstance(lora.loaded(ours)[0].scale, float)
+
+
+def test_the_same_file_loaded_twice_is_applied_twice_with_a_warning(ours, files, clean):
+    """Loading adds (by design), so a second load of one file gives 2·ΔW: allowed, but it warns, also
+    when the path is spelled differently; another file does not warn."""
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    w0 = ours.unet.get_submodule(name).weight.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                          # the first load: no warning
+        ours.load_lora(files["kohya"], 0.5)
+    w1 = ours.unet.get_submodule(name).weight.clone()
+    other_spelling = Path(files["kohya"]).parent / ".." / Path(files["kohya"]).parent.name / Path(files["kohya"]).name
+    with pytest.warns(UserWarning, match=r"kohya.safetensors was already loaded \(scale 0.5\); it is now applied 2 "
+                                         r"times \(total scale 1\); pipe.unload_lora\(\) removes every LoRA") as record:
+        ours.load_lora(other_spelling, 0.5)
+    assert len(record) == 1 and record[0].filename == __file__        # points at the caller's line
+    assert rel_err(ours.unet.get_submodule(name).weight - w0, 2 * (w1 - w0)) < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours.load_lora(files["peft"], 0.5)
 
 
 def test_unload_restores_the_original_tensors_bit_for_bit(ours, files, clean):

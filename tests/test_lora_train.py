@@ -3,6 +3,8 @@ tiny model (sdlearn/lora_train.py), and the shipped outline LoRA: loaded by diff
 it outlines the shapes it draws."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ import test_lora
 one_thread = test_lora.one_thread       # the autouse fixture: one thread, as for every tiny-model test
 
 OUTLINE_LORA = resolve_source("tiny").parent / "lora_outline.safetensors"
+RECORD = OUTLINE_LORA.with_suffix(".json")            # lora_train.evaluate's record of it
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +145,52 @@ def test_float16_weights_fuse_once_and_come_back_exactly(pipe):
     assert rel_err(low, full) < 3e-3 and half.unet.get_submodule("mid_block.attentions.0.proj_in").weight.dtype == torch.float16
     half.unload_lora()
     assert all(torch.equal(v, before[k]) for k, v in half.unet.state_dict().items())
+
+
+@needs_file
+def test_the_record_is_of_the_shipped_file_and_the_docstrings_quote_it():
+    """sdlearn/data/lora_outline.json (`python -m sdlearn.lora_train … --evaluate-only`): its training
+    part is the file's metadata, its scale-1 and scale-0 rows agree with the scores the training
+    run stored in the file, the VAE's ceiling is a share below the pictures as drawn."""
+    record = json.loads(RECORD.read_text())
+    metadata = lora.read(OUTLINE_LORA).metadata
+    assert record["file"] == OUTLINE_LORA.name and record["training"] == lora_train.training_record(metadata)
+    assert record["training"]["settings"] == {"images": 400, "steps": 600, "batch": 16, "rank": 4, "lr": 3e-3, "seed": 0}
+    assert list(record["sweep"]) == ["0", "0.5", "1", "1.5"] and record["evaluation"]["prompts"] == 108
+    for scale, key in (("0", "scores_without"), ("1", "scores_with")):
+        stored = json.loads(metadata[key])
+        assert abs(record["sweep"][scale]["outlined"] - stored["outlined"]) <= 3 / 108, (scale, stored)
+    ceiling = record["vae_ceiling"]
+    assert 0 < ceiling["through_vae"] < ceiling["drawn"] <= 1
+    seconds = f"{record['training']['seconds']:.0f} s"
+    assert seconds in lora_train.__doc__ and "minutes" not in lora_train.__doc__, seconds
+    assert f"{record['sweep']['1']['outlined']:.0%}".replace("%", " %") in lora_train.__doc__
+
+
+@needs_file
+def test_the_shipped_lora_outlines_most_of_eight_prompts_where_the_model_outlines_none(pipe):
+    """8 prompts (6 colours, 3 shapes, with and without positions), guidance 5: none outlined without the LoRA, at
+    least 4 with it. The model outlines 0 of 108 prompts without it, so 4 of 8 cannot come by chance."""
+    prompts = shapes.grammar_prompts()[::14][:8]
+    assert len({p["colour"] for p in prompts}) >= 4 and len({p["shape"] for p in prompts}) == 3
+    without = lora_train.outline_scores(pipe, prompts, seed=0)["outlined"]
+    pipe.load_lora(OUTLINE_LORA)
+    try:
+        with_lora = lora_train.outline_scores(pipe, prompts, seed=0)["outlined"]
+    finally:
+        pipe.unload_lora()
+    assert without == 0 and with_lora * 8 >= 4, (without, with_lora)
+
+
+def test_repr_shows_the_loaded_loras_and_the_added_tokens(pipe):
+    data = OUTLINE_LORA.parent
+    assert "LoRA" not in repr(pipe) and "tokens" not in repr(pipe)
+    pipe.load_lora(OUTLINE_LORA, 0.5)
+    pipe.load_textual_inversion(data / "ptri_embedding.safetensors")
+    pipe.load_textual_inversion(data / "night_embedding.safetensors")
+    try:
+        assert repr(pipe).endswith("; LoRA lora_outline.safetensors×0.5; tokens <ptri> <night>×8)"), repr(pipe)
+    finally:
+        pipe.unload_lora()
+        pipe.unload_textual_inversion()
+    assert "LoRA" not in repr(pipe) and "tokens" not in repr(pipe)
