@@ -277,7 +277,7 @@ def test_a_learned_token_is_no_unknown_word_for_the_tiny_model(tmp_path):
 
 def test_the_analyser_reads_the_dataset_stars_as_stars_and_nothing_else():
     from sdlearn import analyser, shapes
-    from sdlearn.ti_train import STAR, concept_dataset
+    from sdlearn.ti_concepts import STAR, concept_dataset
 
     stars = concept_dataset(STAR, 200, seed=1, sizes=("small", "large"))
     read = [analyser.analyse(im.permute(1, 2, 0).numpy()) for im in stars.images]
@@ -304,9 +304,9 @@ def test_the_star_harmonic_is_five_fold():
 
 @pytest.mark.parametrize("name", ["STAR", "NIGHT", "PTRI"])
 def test_a_training_step_moves_the_new_row_only(name):
-    from sdlearn import ti_train
+    from sdlearn import ti_concepts, ti_train
 
-    concept = getattr(ti_train, name)
+    concept = getattr(ti_concepts, name)
     pipe = load_pipeline("tiny")
     before = {k: v.clone() for m in (pipe.text_encoder, pipe.unet) for k, v in m.state_dict().items()}
     trainable = [p.requires_grad for p in pipe.unet.parameters()]
@@ -325,9 +325,9 @@ def test_a_training_step_moves_the_new_row_only(name):
                                            ("NIGHT", ["a red circle on the left <night>", "<night> blue square, top"]),
                                            ("PTRI", ["a small <ptri> at the top", "<ptri>, left"])])
 def test_the_shipped_embeddings_load_in_sdlearn_and_diffusers(name, prompts):
-    from sdlearn import ti_train
+    from sdlearn import ti_concepts, ti_train
 
-    path, token = getattr(ti_train, f"{name}_EMBEDDING"), getattr(ti_train, name).token
+    path, token = getattr(ti_train, f"{name}_EMBEDDING"), getattr(ti_concepts, name).token
     rows = textual_inversion.read_embeddings(path)[1]
     ours, ref = pair(TINY)
     assert ours.load_textual_inversion(path) == textual_inversion.token_names(token, len(rows))
