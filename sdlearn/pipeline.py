@@ -236,9 +236,9 @@ class Pipeline:
         prompt_syntax: None (plain text), "compel" or "a1111" (sdlearn.weighted_text): weights,
         and prompts longer than 75 tokens in chunks, (B, 77·chunks, width)."""
         texts = prompts if negatives is None else list(negatives) + list(prompts)
-        texts = [textual_inversion.expand_prompt(self.tokenizer, t) for t in texts]   # multi-vector tokens
-        if check_syntax(prompt_syntax) is not None:
+        if check_syntax(prompt_syntax) is not None:       # multi-vector tokens expanded after parsing
             return encode_weighted(self.tokenizer, self.text_encoder, texts, prompt_syntax)
+        texts = [textual_inversion.expand_prompt(self.tokenizer, t) for t in texts]   # multi-vector tokens
         return self.text_encoder(self.tokenizer(texts).to(self.device))
 
     def load_textual_inversion(self, path, token: str | None = None) -> list[str]:

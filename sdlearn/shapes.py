@@ -220,8 +220,9 @@ def parse_caption(text: str) -> list[dict[str, str | None]]:
 
 # ----------------------------------------------------------------------------------- sampling
 
-def _partners(held_out: Collection[tuple[str, str]]) -> dict[str, list[str]]:
-    """colour → the shapes it may be drawn as; every colour and shape must keep a partner."""
+def colour_partners(held_out: Collection[tuple[str, str]]) -> dict[str, list[str]]:
+    """colour → the shapes it may be drawn as: every shape but those `held_out` pairs with it
+    ({"purple": ["circle", "square"], …} for HELD_OUT); every colour and shape must keep a partner."""
     held = {tuple(pair) for pair in held_out}
     unknown = [pair for pair in held if pair[0] not in COLOURS or pair[1] not in SHAPES]
     if unknown:
@@ -241,8 +242,9 @@ def _object(rng: np.random.Generator, position: str, partners: dict[str, list[st
             "position": position}
 
 
-def _place(rng: np.random.Generator, s: dict[str, Any]) -> dict[str, Any]:
-    """Where it goes: its anchor and nominal size, each jittered (cx, cy, extent in pixels)."""
+def place(rng: np.random.Generator, s: dict[str, Any]) -> dict[str, Any]:
+    """Where an object (colour, shape, size, position) goes: its position's anchor and its size,
+    each jittered; returns a copy with cx, cy and extent in pixels, ready for `draw`."""
     x, y = POSITIONS[s["position"]]
     jitter = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=2)
     extent = SIZES[s["size"]] + rng.uniform(-SIZE_JITTER, SIZE_JITTER)
@@ -261,11 +263,11 @@ def _sample(rng: np.random.Generator, two_shapes: float, partners: dict[str, lis
         pair = PAIRS[rng.integers(len(PAIRS))]
         objects = [_object(rng, p, partners) for p in pair]
         while True:   # jitter again until MIN_GAP holds (two large shapes: about one try in five)
-            shapes = [_place(rng, s) for s in objects]
+            shapes = [place(rng, s) for s in objects]
             if gap(*shapes) >= MIN_GAP:
                 break
     else:
-        shapes = [_place(rng, _object(rng, str(rng.choice(list(POSITIONS))), partners))]
+        shapes = [place(rng, _object(rng, str(rng.choice(list(POSITIONS))), partners))]
     return ShapeSample(draw(shapes, background), caption(shapes, rng), {"background": background, "shapes": shapes})
 
 
@@ -275,7 +277,7 @@ def sample(seed: int, index: int = 0, *, two_shapes: float = 0.0,
 
     No object is one of the (colour, shape) pairs in `held_out`; pass `held_out=()` to draw any.
     """
-    return _sample(np.random.default_rng([seed, index]), two_shapes, _partners(held_out))
+    return _sample(np.random.default_rng([seed, index]), two_shapes, colour_partners(held_out))
 
 
 _C, _S = "{" + "|".join(COLOURS) + "}", "{" + "|".join(SHAPES) + "}"
@@ -313,7 +315,7 @@ def make_dataset(n: int, seed: int = 0, *, two_shapes: float = 0.1, held_out: Co
     result is stored once as a compressed .npz (a few MB for 20,000 images) and read back on
     later calls with the same arguments.
     """
-    partners = _partners(held_out)
+    partners = colour_partners(held_out)
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / (f"shapes-v{DATASET_VERSION}-n{n}-seed{seed}-two{two_shapes:g}"

@@ -164,10 +164,15 @@ def load_rows(pipe, token: str, rows: torch.Tensor, source: str = "the embedding
 
 
 def unload(pipe, tokens: str | Sequence[str] | None = None) -> None:
-    """Remove added tokens (None: all of them) and their rows; the others are numbered again."""
+    """Remove added tokens (None: all of them) and their rows; the others are numbered again.
+    A token that is not loaded is refused (one line naming the loaded ones), and nothing changes."""
     tokens = [tokens] if isinstance(tokens, str) else tokens
     old = pipe.tokenizer
-    if not old.added_tokens:
+    loaded = list(getattr(old, "added_tokens", None) or {})
+    unknown = [t for t in tokens or () if t not in loaded]
+    if unknown:
+        raise ValueError(f"cannot unload {unknown}: not loaded; the loaded tokens are {loaded or 'none'}")
+    if not loaded:
         return
     new = old.without_added_tokens(tokens)
     table = token_embedding(pipe).weight.detach()
@@ -178,19 +183,37 @@ def unload(pipe, tokens: str | Sequence[str] | None = None) -> None:
     pipe.tokenizer = new
 
 
+def vector_names(added: dict[str, int], token: str) -> list[str]:
+    """The loaded tokens of `token`'s embedding: [token, token_1, …] as far as they are in `added`."""
+    names = [token]
+    while f"{token}_{len(names)}" in added:
+        names.append(f"{token}_{len(names)}")
+    return names
+
+
 def expand_prompt(tokenizer, prompt: str) -> str:
     """diffusers' `maybe_convert_prompt`: every multi-vector token "t" found in the prompt is written
-    "t t_1 … t_{n−1}" (a plain text replacement), so that its n rows all reach the text encoder."""
+    "t t_1 … t_{n−1}" (a plain text replacement), so that its n rows all reach the text encoder.
+    For plain prompts only: a weighted prompt is parsed first and its fragments' ids expanded
+    (`expand_ids`), so that a fragment's weight covers all n rows."""
     added = getattr(tokenizer, "added_tokens", None)
     if not added:
         return prompt
     for token in set(tokenizer.tokenize(prompt)) & set(added):
-        names, i = [token], 1
-        while f"{token}_{i}" in added:
-            names.append(f"{token}_{i}")
-            i += 1
-        prompt = prompt.replace(token, " ".join(names))
+        prompt = prompt.replace(token, " ".join(vector_names(added, token)))
     return prompt
+
+
+def expand_ids(tokenizer, ids: list[int]) -> list[int]:
+    """Token ids with each multi-vector token t followed by the ids of t_1 … t_{n−1}: how compel
+    (its textual-inversion manager, on each fragment's ids after parsing) and the web UI (an
+    embedding's n vectors, all with the fragment's weight) let a weight cover all n rows.
+    [.., id(<night>), ..] → [.., id(<night>), id(<night>_1), …, id(<night>_7), ..]"""
+    added = getattr(tokenizer, "added_tokens", None)
+    if not added:
+        return list(ids)
+    following = {added[t]: [added[n] for n in vector_names(added, t)[1:]] for t in added}
+    return [j for i in ids for j in (i, *following.get(i, ()))]
 
 
 def without_added_tokens(tokenizer, text: str) -> str:

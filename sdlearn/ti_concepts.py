@@ -86,7 +86,7 @@ def concept_dataset(concept: Concept, n: int = 48, seed: int = 0, sizes=None) ->
     background. An object: that colour and shape, any size."""
     if sizes is None:
         sizes = ("large",) if concept.kind == "shape" else tuple(shapes.SIZES)
-    partners = shapes._partners(shapes.HELD_OUT)
+    partners = shapes.colour_partners(shapes.HELD_OUT)
     images, captions, attributes = [], [], []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
@@ -94,7 +94,7 @@ def concept_dataset(concept: Concept, n: int = 48, seed: int = 0, sizes=None) ->
         shape = concept.value if concept.kind == "shape" else str(rng.choice(partners[colour]))
         if concept.kind == "object":
             colour, shape = concept.value
-        obj = shapes._place(rng, {"colour": colour, "shape": shape, "size": str(rng.choice(list(sizes))),
+        obj = shapes.place(rng, {"colour": colour, "shape": shape, "size": str(rng.choice(list(sizes))),
                                   "position": str(rng.choice(list(shapes.POSITIONS)))})
         background = concept.value if concept.kind == "background" else str(rng.choice(list(shapes.BACKGROUNDS)))
         images.append(shapes.draw([obj], background))

@@ -17,10 +17,12 @@ where CLIP_v is the text encoder whose table row for the token reads v (`row_ove
 result is saved in diffusers' format (learned_embeds.safetensors) and loads back with
 `pipe.load_textual_inversion` or diffusers' `load_textual_inversion`.
 
+    from sdlearn.ti_concepts import NIGHT, concept_rate
     pipe = sdlearn.load_pipeline("tiny")
     result = train(pipe, NIGHT, steps=600, lr=0.1, vectors=8)    # about 1.5 minutes on one CPU thread
     concept_rate(pipe, NIGHT)                     # how often "… <night>" draws a black background
     pipe.load_textual_inversion(NIGHT_EMBEDDING)  # the shipped result, without training
+    read_record("night")["rate"]                  # the shares it measured (sdlearn/data/night_embedding.json)
 
 A lesson in three runs (one CPU thread of a shared 2-core machine; the JSON records beside the
 shipped files hold the figures): textual inversion can only *name* what the model already draws
@@ -52,7 +54,8 @@ in answer to its text.
   words, and textual inversion finds one row that says both, as it can for anything the model
   draws from its text.
 
-Command lines (the shipped embeddings were made so; their JSON records hold them):
+Command lines (the shipped embeddings were made so; their JSON records hold them; an existing
+--out file or record is replaced only with --force):
     python -m sdlearn.ti_train --concept night --steps 600 --lr 0.1 --vectors 8 --out sdlearn/data/night_embedding.safetensors
     python -m sdlearn.ti_train --steps 600 --control --out sdlearn/data/star_embedding.safetensors
     python -m sdlearn.ti_train --concept ptri --steps 600 --lr 0.05 --out sdlearn/data/ptri_embedding.safetensors
@@ -72,17 +75,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import shapes, textual_inversion
+from . import shapes, textual_inversion, ti_concepts
 from .pipeline import load_pipeline
 from .schedule import NoiseSchedule
-from .ti_concepts import (CONCEPTS, NIGHT, PTRI, STAR, Concept, concept_caption, concept_dataset, concept_prompts,
-                          concept_rate, parse_concept, read_concept)
 from .train import encode_dataset, noise_prediction_loss
 
-__all__ = ["CONCEPTS", "NIGHT", "PTRI", "STAR", "Concept", "concept_caption", "concept_dataset", "concept_prompts",
-           "concept_rate", "parse_concept", "read_concept",                         # from ti_concepts
-           "word_row", "nearest_words", "row_override", "ti_step", "TIResult", "train", "unet_ceiling", "main"]
-TOKEN, INIT_WORD = STAR.token, STAR.init
+__all__ = ["DATA", "STAR_EMBEDDING", "NIGHT_EMBEDDING", "PTRI_EMBEDDING", "word_row", "nearest_words", "row_override",
+           "ti_step", "TIResult", "train", "unet_ceiling", "read_record", "main"]
 DATA = Path(__file__).parent / "data"
 STAR_EMBEDDING = DATA / "star_embedding.safetensors"
 NIGHT_EMBEDDING = DATA / "night_embedding.safetensors"
@@ -162,9 +161,9 @@ class TIResult:
     settings: dict = field(default_factory=dict)
 
 
-def train(pipe, concept: Concept = STAR, *, steps: int = 600, batch: int = 16, lr: float = 0.02, images: int = 48,
-          seed: int = 0, weight_decay: float = 0.0, time_budget: float | None = None,
-          timesteps: tuple[int, int] | None = None, vectors: int = 1, progress: bool = True) -> TIResult:
+def train(pipe, concept: ti_concepts.Concept = ti_concepts.STAR, *, steps: int = 600, batch: int = 16,
+          lr: float = 0.02, images: int = 48, seed: int = 0, weight_decay: float = 0.0,
+          time_budget: float | None = None, timesteps: tuple[int, int] | None = None, vectors: int = 1, progress: bool = True) -> TIResult:
     """Learn `concept.token`'s row on `images` pictures of the concept (`concept_dataset`) for
     `steps` steps (or until `time_budget` seconds), starting from the row of `concept.init`
     (`vectors` > 1: that many rows, tokens <t>, <t>_1, …, as diffusers' multi-vector embeddings;
@@ -177,10 +176,10 @@ def train(pipe, concept: Concept = STAR, *, steps: int = 600, batch: int = 16, l
             rows = word_row(pipe, concept.init)[None].repeat(vectors, 1)
         textual_inversion.load_rows(pipe, token, rows)
     token_id = torch.tensor([pipe.tokenizer.added_tokens[t] for t in textual_inversion.token_names(token, vectors)])
-    data = concept_dataset(concept, images, seed)
+    data = ti_concepts.concept_dataset(concept, images, seed)
     mean, std = encode_dataset(pipe.vae, data.images, pipe.device)
-    captions = [[concept_caption(concept, a["shapes"][0], np.random.default_rng([seed, i, k])) for k in range(4)]
-                for i, a in enumerate(data.attributes)]
+    captions = [[ti_concepts.concept_caption(concept, a["shapes"][0], np.random.default_rng([seed, i, k]))
+                 for k in range(4)] for i, a in enumerate(data.attributes)]
     ids = pipe.tokenizer([textual_inversion.expand_prompt(pipe.tokenizer, c) for cs in captions for c in cs])
     ids = ids.view(len(captions), 4, -1)
     schedule, scale = NoiseSchedule.scaled_linear(), pipe.vae.scaling_factor
@@ -223,14 +222,35 @@ def unet_ceiling(pipe, n: int = 36, seed: int = 100, strength: float = 0.3) -> d
     with prompts that name no shape ("a red shape on the left": the tiny model learned to keep
     what such a picture shows): if (2) is near 0, the UNet turns stars into shapes it knows, and
     no embedding (which only changes the text) can make it draw one."""
-    data = concept_dataset(STAR, n, seed)
+    data = ti_concepts.concept_dataset(ti_concepts.STAR, n, seed)
     x = data.images.float() / 255
     with torch.no_grad():
         recon = pipe.vae.decode(pipe.vae.encode(x * 2 - 1).mean).clamp(-1, 1) / 2 + 0.5
     prompts = [shapes.phrase(a["shapes"][0], with_size=False, with_position=True, with_shape=False)
                for a in data.attributes]
     kept = pipe.generate(prompts, image=x, strength=strength, guidance=5.0, seed=seed, progress=False).pixels
-    return {"vae_reconstruction": read_concept(recon)["concept"], f"img2img_{strength:g}": read_concept(kept)["concept"]}
+    return {"vae_reconstruction": ti_concepts.read_concept(recon)["concept"],
+            f"img2img_{strength:g}": ti_concepts.read_concept(kept)["concept"]}
+
+
+# ----------------------------------------------------------------------------------- records
+
+RECORD_KEYS = ("command", "seconds", "settings", "loss_first_25", "loss_last_25", "rate", "nearest_words", "machine")
+
+
+def read_record(name: str | os.PathLike) -> dict:
+    """The JSON record `main` writes beside an embedding: a shipped one by name ("star", "night",
+    "ptri": sdlearn/data/<name>_embedding.json) or any record or embedding file's path.
+    record["rate"][run][share]: run "learned", "initial (<init>'s row)", "without the token", …;
+    share "concept" (the pictures that show it), "colour", "as_circle", … (`ti_concepts.read_concept`).
+    record["settings"]: the training's settings, the concept among them; record["nearest_words"]:
+    per vector, the nearest words and their cosine similarity."""
+    path = DATA / f"{name}_embedding.json" if str(name) in ti_concepts.CONCEPTS else Path(name).with_suffix(".json")
+    record = json.loads(path.read_text())
+    missing = [k for k in RECORD_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"{path.name} lacks {missing}: not a record written by python -m sdlearn.ti_train")
+    return record
 
 
 # ----------------------------------------------------------------------------------- command line
@@ -253,27 +273,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="the embedding file (default: sdlearn/data/<concept>_embedding.safetensors)")
     p.add_argument("--control", action="store_true",
                    help="(a shape) also teach a token squares, from the triangle's row (a shape the UNet can draw)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file and its .json record")
     args = p.parse_args(argv)
-    concept = parse_concept(args.concept)
+    out = Path(args.out or DATA / f"{args.concept.split(':')[-1]}_embedding.safetensors")
+    existing = [str(f) for f in (out, out.with_suffix(".json")) if f.exists()]
+    if existing and not args.force:
+        them = "it" if len(existing) == 1 else "them"
+        print(f"{' and '.join(existing)} already exist{'s' * (them == 'it')}: pass --force to replace {them}, "
+              "or --out another file", file=sys.stderr)
+        return 1
+    concept = ti_concepts.parse_concept(args.concept)
     if args.init:
         concept = replace(concept, init=args.init)
     torch.set_num_threads(1)
     pipe = load_pipeline("tiny")
     result = train(pipe, concept, steps=args.steps, batch=args.batch, lr=args.lr, images=args.images,
                    seed=args.seed, time_budget=args.time_budget, vectors=args.vectors)
-    rates = {"learned": concept_rate(pipe, concept)}
+    rates = {"learned": ti_concepts.concept_rate(pipe, concept)}
     with torch.no_grad():
         ids = [pipe.tokenizer.added_tokens[t] for t in textual_inversion.token_names(concept.token, args.vectors)]
         textual_inversion.token_embedding(pipe).weight[ids] = result.initial.reshape(len(ids), -1)
-    rates[f"initial ({concept.init}'s row)"] = concept_rate(pipe, concept)
+    rates[f"initial ({concept.init}'s row)"] = ti_concepts.concept_rate(pipe, concept)
     if concept.kind == "background":
-        rates["without the token"] = concept_rate(pipe, concept, "")
+        rates["without the token"] = ti_concepts.concept_rate(pipe, concept, "")
     if concept.kind == "object":
-        rates[f"the words '{concept.words}'"] = concept_rate(pipe, concept, concept.words)
+        rates[f"the words '{concept.words}'"] = ti_concepts.concept_rate(pipe, concept, concept.words)
         reference = trained_pair(concept)
-        rates[f"a trained pair's words '{reference.words}'"] = concept_rate(pipe, reference, reference.words)
-    out = textual_inversion.save(args.out or DATA / f"{args.concept.split(':')[-1]}_embedding.safetensors",
-                                 concept.token, result.vector)
+        rates[f"a trained pair's words '{reference.words}'"] = ti_concepts.concept_rate(pipe, reference,
+                                                                                          reference.words)
+    textual_inversion.save(out, concept.token, result.vector)
     vocabulary = pipe.vocabulary and pipe.vocabulary["words"]          # the words the tiny model learned
     record = {"command": "python -m sdlearn.ti_train " + " ".join(argv if argv is not None else sys.argv[1:]),
               "seconds": round(result.seconds, 1), "settings": result.settings,
@@ -284,30 +312,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.control:
         record["control_square"] = _square_control(args)
     record["machine"] = {"cpu_count": os.cpu_count(), "load_average_1min_at_end": round(os.getloadavg()[0], 2)}
-    Path(out).with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
     return 0
 
 
-def trained_pair(concept: Concept) -> Concept:
+def trained_pair(concept: ti_concepts.Concept) -> ti_concepts.Concept:
     """A pair the tiny model was trained on, for reference: the object's shape in the first colour
     whose pair with it is not in `shapes.HELD_OUT` ("purple triangle" → "red triangle")."""
     shape = concept.value[1]
     colour = next(c for c in shapes.COLOURS if not shapes.is_held_out(c, shape) and c != concept.value[0])
-    return Concept(f"<{colour}-{shape}>", "object", (colour, shape), shape)
+    return ti_concepts.Concept(f"<{colour}-{shape}>", "object", (colour, shape), shape)
 
 
 def _square_control(args) -> dict:
     """The same training on squares (a shape the UNet draws) from the triangle's row: does the
     method work where the model can draw the concept? Shares read as square, learned vs initial."""
-    pipe, square = load_pipeline("tiny"), Concept("<square-check>", "shape", "square", "triangle")
+    pipe, square = load_pipeline("tiny"), ti_concepts.Concept("<square-check>", "shape", "square", "triangle")
     result = train(pipe, square, steps=args.steps // 2, batch=args.batch, lr=args.lr, images=args.images,
                    seed=args.seed, progress=False)
-    learned = concept_rate(pipe, square, seeds=(0,))["concept"]
+    learned = ti_concepts.concept_rate(pipe, square, seeds=(0,))["concept"]
     with torch.no_grad():
         textual_inversion.token_embedding(pipe).weight[pipe.tokenizer.added_tokens[square.token]] = result.initial
     return {"steps": len(result.losses), "seconds": round(result.seconds, 1), "as_square_learned": learned,
-            "as_square_initial": concept_rate(pipe, square, seeds=(0,))["concept"],
+            "as_square_initial": ti_concepts.concept_rate(pipe, square, seeds=(0,))["concept"],
             "nearest_words": nearest_words(pipe, result.vector, 3)}
 
 

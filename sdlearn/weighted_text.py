@@ -8,11 +8,13 @@ takes 77 (its keys and values are just longer). They differ in how a weight acts
 AUTOMATIC1111 web UI (modules/sd_hijack_clip.py `tokenize_line`, `process_tokens`;
 modules/sd_emphasis.py `EmphasisOriginal`), with its default settings:
 
-    ids    each fragment tokenized on its own, no start/end tokens, no truncation
+    ids    each fragment tokenized on its own, no start/end tokens, no truncation; a textual-
+           inversion embedding of n vectors is n ids, each with the fragment's weight
     chunks fill 75 ids; when a chunk is full and a comma came within its last 20 ids
            (comma_padding_backtrack = 20), the ids after that comma move on to the next chunk;
-           BREAK closes the chunk; a chunk is padded with the end token to 75, then wrapped
-           [start, 75, end]; the multipliers of start, end and padding are 1
+           an embedding that does not fit in what is left starts the next chunk; BREAK closes
+           the chunk; a chunk is padded with the end token to 75, then wrapped [start, 75, end];
+           the multipliers of start, end and padding are 1
     z      = CLIP(chunk ids)                                   (1, 77, D) per chunk
     z'     = z · w[token]                                      every hidden state scaled
     z''    = z' · mean(z) / mean(z')                           the whole chunk's mean restored
@@ -21,7 +23,8 @@ modules/sd_emphasis.py `EmphasisOriginal`), with its default settings:
 compel 2.5.1 (compel/embeddings_provider.py, `Compel(..., truncate_long_prompts=False)`, its
 defaults otherwise: downweight_mode MASK, split_long_text_mode SENTENCES):
 
-    ids    each fragment tokenized on its own; chunks of at most 75 ids, cut after the last "."
+    ids    each fragment tokenized on its own, an n-vector embedding's token expanded to its n
+           ids (its textual-inversion manager); chunks of at most 75 ids, cut after the last "."
            among the first 75 (else the last of . , ; :, else the last word end), each chunk
            [start, ids, end, padding with the end token], 77 ids
     e      = CLIP(ids of the empty prompt)                    the "empty" conditioning
@@ -43,14 +46,17 @@ import math
 import torch
 
 from .prompt_syntax import BREAK, Blend, Conjunction, Prompt, check_syntax, parse_a1111, parse_compel
+from .textual_inversion import expand_ids, vector_names
 
 CHUNK = 75                       # prompt ids per chunk; with start and end: 77
 COMMA_BACKTRACK = 20             # the web UI's comma_padding_backtrack default
 
 
 def fragment_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Each text's token ids without start and end tokens and without truncation."""
-    return [tokenizer.encode(t)[1:-1] for t in texts]
+    """Each text's token ids without start and end tokens and without truncation; a multi-vector
+    textual-inversion token is expanded here, after parsing, to its n ids (`expand_ids`), so the
+    fragment's weight covers all n rows, as in compel and the web UI."""
+    return [expand_ids(tokenizer, tokenizer.encode(t)[1:-1]) for t in texts]
 
 
 # -- AUTOMATIC1111 -------------------------------------------------------------------------------
@@ -59,6 +65,8 @@ def a1111_chunks(tokenizer, fragments: list[tuple[str, float]]) -> list[tuple[li
     """The web UI's `tokenize_line`: fragments → chunks of 77 (ids, multipliers)."""
     start, end = tokenizer.bos_token_id, tokenizer.eos_token_id
     comma = tokenizer.encoder.get(",</w>")
+    added = getattr(tokenizer, "added_tokens", None) or {}
+    vectors = {added[t]: len(vector_names(added, t)) for t in added}        # an embedding's first id → n
     chunks: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
     mults: list[float] = []
@@ -82,8 +90,8 @@ def a1111_chunks(tokenizer, fragments: list[tuple[str, float]]) -> list[tuple[li
                 ids, mults = ids[:last_comma + 1], mults[:last_comma + 1]
                 close()
                 ids, mults = moved_ids, moved_mults
-            if len(ids) == CHUNK:
-                close()
+            if len(ids) == CHUNK or (ids and len(ids) + vectors.get(token, 1) > CHUNK):
+                close()                              # (an embedding is never split between chunks)
             ids.append(token)
             mults.append(weight)
     if ids or not chunks:

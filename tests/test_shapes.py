@@ -141,6 +141,20 @@ def test_held_out_pairs_must_leave_every_colour_and_shape_a_partner():
     assert {s["shape"] for s in drawn if s["colour"] == "red"} == {"triangle"}
 
 
+def test_colour_partners_and_place_the_public_pieces_of_sampling():
+    partners = shapes.colour_partners(shapes.HELD_OUT)
+    assert all((c, s) not in shapes.HELD_OUT for c, ss in partners.items() for s in ss)
+    assert sum(map(len, partners.values())) == len(shapes.COLOURS) * len(shapes.SHAPES) - len(shapes.HELD_OUT)
+    obj = {"colour": "red", "shape": "circle", "size": "small", "position": "left"}
+    placed = [shapes.place(np.random.default_rng(i), obj) for i in range(50)]
+    x, y = shapes.POSITIONS["left"]
+    assert all(p.items() >= obj.items() for p in placed) and "cx" not in obj
+    assert all(abs(p["cx"] - x * shapes.SIZE) <= shapes.POSITION_JITTER * shapes.SIZE + 1e-3 for p in placed)
+    assert all(abs(p["extent"] - shapes.SIZES["small"] * shapes.SIZE) <= shapes.SIZE_JITTER * shapes.SIZE + 1e-3
+               for p in placed)
+    assert len({p["cx"] for p in placed}) == 50                     # jittered
+
+
 def test_two_shapes_sit_on_opposite_sides_and_never_touch(training):
     pairs = [a["shapes"] for a in training.attributes if len(a["shapes"]) == 2]
     assert 400 < len(pairs) < 650

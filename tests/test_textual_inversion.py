@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 
 from checkpoints import diffusers_folder, write_tokenizer_files
 from reference import cache_dir, rel_err
-from sdlearn import textual_inversion
+from sdlearn import textual_inversion, weighted_text
 from sdlearn.configs import CLIPTextConfig, ModelConfig
 from sdlearn.pipeline import load_pipeline
+from sdlearn.prompt_syntax import parse_a1111
 from sdlearn.tokenizer import default_tokenizer
 
 TINY = ModelConfig.tiny()
@@ -207,8 +208,58 @@ def test_unloading_some_tokens_matches_diffusers(tmp_path):
     ref.unload_textual_inversion(gone)
     assert "<multi>" not in ours.tokenizer.added_tokens and table(ours).shape[0] == 49408 + 4
     check_parity(ours, ref, ["a <cat-toy> in ui-style", "webui-tok", "<multi> is plain text again"])
-    with pytest.raises(ValueError, match="not added tokens"):
+    with pytest.raises(ValueError, match="not loaded"):
         ours.unload_textual_inversion("<multi>")
+
+
+def test_unloading_a_token_that_is_not_loaded_is_refused_naming_the_loaded_ones(tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"cannot unload \['<nope>'\]: not loaded; the loaded tokens are none"):
+        tiny.unload_textual_inversion("<nope>")
+    save_file({"<star>": torch.ones(64)}, str(tmp_path / "a.safetensors"))
+    tiny.load_textual_inversion(tmp_path / "a.safetensors")
+    before = table(tiny).clone()
+    with pytest.raises(ValueError, match=r"cannot unload \['<nope>'\]: not loaded; the loaded tokens are \['<star>'\]$"):
+        tiny.unload_textual_inversion(["<star>", "<nope>"])
+    assert torch.equal(table(tiny), before) and list(tiny.tokenizer.added_tokens) == ["<star>"]    # nothing changed
+
+
+# -- weights on multi-vector tokens ------------------------------------------------------------
+
+WEIGHTED = ["a red circle <night>-", "a red circle (<night>)1.5 on the left", "<night>--, a (blue <night> square)0.7",
+            "a red circle <night>", "(<night> <cat-toy>)0.5 circle+"]
+
+
+def test_a_weight_covers_every_vector_of_a_multi_vector_token_as_in_compel(tmp_path):
+    """compel expands an n-vector token in each parsed fragment's ids (its textual-inversion
+    manager), so "<night>-" weights all 8 rows; expanding the text before parsing weights the last."""
+    compel = pytest.importorskip("compel")
+    ours, ref = pair(TINY)
+    g = torch.Generator().manual_seed(1)
+    save_file({"<night>": torch.randn(8, 64, generator=g) * 0.02}, str(tmp_path / "night.safetensors"))
+    save_file({"<cat-toy>": torch.randn(64, generator=g) * 0.02}, str(tmp_path / "cat.safetensors"))
+    for name in ("night", "cat"):
+        ours.load_textual_inversion(tmp_path / f"{name}.safetensors")
+        ref.load_textual_inversion(str(tmp_path / f"{name}.safetensors"))
+    reference = compel.Compel(tokenizer=ref.tokenizer, text_encoder=ref.text_encoder, truncate_long_prompts=False,
+                              textual_inversion_manager=compel.DiffusersTextualInversionManager(ref))
+    with torch.no_grad():
+        want = torch.cat([reference(p) for p in WEIGHTED])
+        got = ours.encode_prompts(WEIGHTED, prompt_syntax="compel")
+        text_first = weighted_text.encode_weighted(ours.tokenizer, ours.text_encoder, [
+            textual_inversion.expand_prompt(ours.tokenizer, WEIGHTED[0])], "compel")
+    assert rel_err(got, want) <= TOL
+    assert rel_err(text_first, want[:1]) > 1e-3          # the old order: the weight on the last of 8 rows only
+
+
+def test_a1111_multipliers_cover_every_vector_and_an_embedding_stays_in_one_chunk():
+    tok = default_tokenizer().with_added_tokens(textual_inversion.token_names("<night>", 8))
+    night = list(tok.added_tokens.values())
+    ids, mults = weighted_text.a1111_chunks(tok, parse_a1111("a red circle (<night>:1.5), left"))[0]
+    assert ids[4:12] == night and mults[4:12] == [1.5] * 8 and mults[3] == mults[12] == 1.0
+    # 70 words and 8 vectors do not fit in 75: the whole embedding starts the next chunk, as in the web UI
+    chunks = weighted_text.a1111_chunks(tok, parse_a1111("word " * 70 + "[<night>]"))
+    assert len(chunks) == 2 and not set(night) & set(chunks[0][0])
+    assert chunks[1][0][1:9] == night and chunks[1][1][1:9] == [1 / 1.1] * 8
 
 
 # -- the tiny model -----------------------------------------------------------------------------
@@ -226,7 +277,7 @@ def test_a_learned_token_is_no_unknown_word_for_the_tiny_model(tmp_path):
 
 def test_the_analyser_reads_the_dataset_stars_as_stars_and_nothing_else():
     from sdlearn import analyser, shapes
-    from sdlearn.ti_train import STAR, concept_dataset
+    from sdlearn.ti_concepts import STAR, concept_dataset
 
     stars = concept_dataset(STAR, 200, seed=1, sizes=("small", "large"))
     read = [analyser.analyse(im.permute(1, 2, 0).numpy()) for im in stars.images]
@@ -253,9 +304,9 @@ def test_the_star_harmonic_is_five_fold():
 
 @pytest.mark.parametrize("name", ["STAR", "NIGHT", "PTRI"])
 def test_a_training_step_moves_the_new_row_only(name):
-    from sdlearn import ti_train
+    from sdlearn import ti_concepts, ti_train
 
-    concept = getattr(ti_train, name)
+    concept = getattr(ti_concepts, name)
     pipe = load_pipeline("tiny")
     before = {k: v.clone() for m in (pipe.text_encoder, pipe.unet) for k, v in m.state_dict().items()}
     trainable = [p.requires_grad for p in pipe.unet.parameters()]
@@ -274,9 +325,9 @@ def test_a_training_step_moves_the_new_row_only(name):
                                            ("NIGHT", ["a red circle on the left <night>", "<night> blue square, top"]),
                                            ("PTRI", ["a small <ptri> at the top", "<ptri>, left"])])
 def test_the_shipped_embeddings_load_in_sdlearn_and_diffusers(name, prompts):
-    from sdlearn import ti_train
+    from sdlearn import ti_concepts, ti_train
 
-    path, token = getattr(ti_train, f"{name}_EMBEDDING"), getattr(ti_train, name).token
+    path, token = getattr(ti_train, f"{name}_EMBEDDING"), getattr(ti_concepts, name).token
     rows = textual_inversion.read_embeddings(path)[1]
     ours, ref = pair(TINY)
     assert ours.load_textual_inversion(path) == textual_inversion.token_names(token, len(rows))
