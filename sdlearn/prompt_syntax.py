@@ -41,6 +41,7 @@ are refused with a ValueError. A `.blend()` or `.and()` must be the whole prompt
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 
 SYNTAXES = (None, "compel", "a1111")
@@ -315,8 +316,14 @@ def _target_prompts(inner: str, whole: str) -> list[Prompt]:
         reader.pos += 1
 
 
+_A1111_WEIGHT = re.compile(r"\([^()]*:\s*[+-]?[\d.]+\s*\)")
+
+
 def parse_compel(text: str) -> Conjunction:
     """compel's syntax → a Conjunction of Prompts and Blends (usually one Prompt, weight 1)."""
+    if _A1111_WEIGHT.search(text):
+        warnings.warn(f"{text!r} looks like the web UI's (word:1.3), which compel reads as plain text; "
+                      "compel writes (word)1.3, or use prompt_syntax='a1111'", stacklevel=2)
     text = re.sub(r",(\S)", r", \1", text)                  # compel: a space after every comma
     if not text.strip():
         return Conjunction([Prompt([("", 1.0)])], [1.0])

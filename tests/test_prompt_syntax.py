@@ -363,3 +363,13 @@ def test_the_tiny_models_vocabulary_check_reads_the_words_not_the_syntax():
             pipe.generate(text, prompt_syntax=syntax, steps=2, seed=0, progress=False)
     with pytest.warns(UserWarning, match="'hexagon'"):
         pipe.generate("a (hexagon:1.2)", prompt_syntax="a1111", steps=2, seed=0, progress=False)
+
+
+def test_compel_mode_warns_about_the_web_uis_weight_syntax():
+    from sdlearn.prompt_syntax import parse_compel
+    with pytest.warns(UserWarning, match=r"compel writes \(word\)1.3"):
+        parse_compel("a (red:1.3) circle")
+    import warnings as _w
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        parse_compel("a (red)1.3 circle, on the left: big")
