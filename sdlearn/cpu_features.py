@@ -19,9 +19,10 @@ The instruction sets that matter for a diffusion model's matrix products:
     avx2, fma       8 float32 multiply-adds per instruction (every x86 CPU since 2013)
     avx512f         16 per instruction
     avx512_bf16     VDPBF16PS: 32 bfloat16 products summed into 16 float32 (Intel Cooper Lake,
-                    Sapphire Rapids+; AMD Zen 4+)
-    amx_bf16        AMX tiles: a 16×32 by 32×16 bfloat16 product per instruction, 16× avx512_bf16's
-                    work (Intel Sapphire Rapids and later Xeons; no AMD CPU so far)
+                    Sapphire Rapids+; AMD Zen 4+: Zen 5 runs it on full 512-bit units)
+    amx_bf16        AMX tiles: a 16×32 by 32×16 bfloat16 product per instruction (Intel Sapphire
+                    Rapids and later Xeons; no AMD CPU so far). Issue 18's 2-core Xeon: a 4096²
+                    product 2.5 TFLOP/s in bfloat16 against 0.42 in float32
 """
 from __future__ import annotations
 

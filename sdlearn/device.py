@@ -66,7 +66,7 @@ def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
 # The CPUs' bfloat16 product units that dtype="auto" takes bfloat16 for (cpu_features.bf16_products).
 # AMX-BF16 (Intel Sapphire Rapids and later): a 4096² product 2.5 TFLOP/s against 0.42 in float32
 # and an SD v1.5 UNet call 1.96 s against 5.7 (diffusers, 2-core Xeon; issue 18).
-# Not AVX512_BF16 alone: on the project's 2-core AMD EPYC (Zen 4) a 4096² product runs 3.8× faster
+# Not AVX512_BF16 alone: on the project's 2-core AMD EPYC (Zen 5) a 4096² product runs 3.8× faster
 # in bfloat16 (0.35 against 0.092 TFLOP/s, 1 thread), but an SD v1.5 UNet call only about 1.1× faster
 # than sdlearn's float32 (see README: CPU), for a relative error of 1.3e-2 instead of 2e-6.
 AUTO_BF16_UNITS = ("amx_bf16",)

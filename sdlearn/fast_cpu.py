@@ -145,7 +145,7 @@ class FusedGEGLU(GEGLU):
 # -- which paths, on which CPU -------------------------------------------------------------------
 
 # By vendor, from cpu_features: the measurements behind each choice.
-#   AMD    every path: bench/unet_ablation.py on the 2-core EPYC (Zen 4), float32, table above;
+#   AMD    every path: bench/unet_ablation.py on the 2-core EPYC (Zen 5), float32, table above;
 #          in bfloat16 (AVX512_BF16) the paths took an SD v1.5 UNet call at 32×32 latents from
 #          1.82 s to 1.50 s (1 thread, README: CPU).
 #   Intel  every path: the one configuration measured on a 2-core Xeon with AMX (issue 18:

@@ -1,5 +1,6 @@
-"""sdlearn.cpu_features reads what a CPU reports: two real /proc/cpuinfo texts (tests/fixtures/cpuinfo:
-this project's AMD EPYC and an Intel Xeon Platinum 8481C, Sapphire Rapids), and this machine's."""
+"""sdlearn.cpu_features reads what a CPU reports: two /proc/cpuinfo texts (tests/fixtures/cpuinfo: this
+project's 2-core AMD EPYC, Zen 5 (family 26), copied verbatim; an Intel Xeon Platinum 8481C, Sapphire
+Rapids, written with the fields and flags such a machine reports), and this machine's."""
 from __future__ import annotations
 
 from pathlib import Path
