@@ -13,7 +13,7 @@ Rows (SD v1.5 size with random weights; `--tiny`: the tiny config at its own siz
     load    load time and peak RSS, one fresh process per run (bench/load_memory.py's measurement)
     tiny    the bundled tiny model: one 64×64 image, its default 20 DDIM steps, guidance 7.5
     bf16    the unet, vae and image rows again with both pipelines in bfloat16
-    openvino  the UNet call on OpenVINO (the diffusers UNet converted), float32 and bfloat16,
+    openvino  the UNet call and VAE decode on OpenVINO (diffusers' converted), float32 and bfloat16,
             against sdlearn in the same dtype; skipped, saying why, without `openvino`
 
 At the top: the CPU's model and vector/matrix extensions (sdlearn.cpu_features) and its measured
@@ -110,11 +110,13 @@ def bf16_table(path, size_name: str, repeats: int, steps: int, peak: float) -> T
     return table
 
 
-def openvino_table(ours, ref, latents, t, context, repeats: int, peaks: dict, flops: float, size_name: str) -> Table:
-    """sdlearn's UNet against OpenVINO's compilation of diffusers' (same tensors), float32 and
-    bfloat16; the ratio is sdlearn / OpenVINO."""
-    table = Table(f"CPU, UNet call: sdlearn against OpenVINO, {size_name}", ref_name="OpenVINO")
+def openvino_table(ours, ref, latents, t, context, z, repeats: int, peaks: dict, flops: float,
+                   size_name: str) -> Table:
+    """sdlearn's UNet call and VAE decode against OpenVINO's compilations of diffusers' (same
+    tensors), float32 and bfloat16; the ratio is sdlearn / OpenVINO."""
+    table = Table(f"CPU: sdlearn against OpenVINO, {size_name}", ref_name="OpenVINO")
     for precision, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+        name = str(dtype).removeprefix("torch.")
         run = cpu_peers.openvino_unet(ref.unet, (latents, t, context), precision)
         if isinstance(run, str):
             print(f"openvino rows skipped: {run}", file=sys.stderr, flush=True)
@@ -123,10 +125,22 @@ def openvino_table(ours, ref, latents, t, context, repeats: int, peaks: dict, fl
         unet = ours.unet if dtype == torch.float32 else copy.deepcopy(ours.unet).to(dtype)
         x, c = latents.to(dtype), context.to(dtype)
         times, out = timed_pair({"sdlearn": lambda: unet(x, t, c), "OpenVINO": lambda: run(latents, t, context)},
-                                repeats, f"openvino {precision}")
-        table.add(Row(f"UNet call, {str(dtype).removeprefix('torch.')}", times["sdlearn"], times["OpenVINO"],
+                                repeats, f"openvino unet {precision}")
+        table.add(Row(f"UNet call, {name}", times["sdlearn"], times["OpenVINO"],
                       note=f"rel. diff {rel_err(out['sdlearn'].float(), out['OpenVINO']):.1e}; "
                            + cpu_peers.achieved(flops, times["sdlearn"], times["OpenVINO"], peaks[dtype], "OpenVINO")))
+        unet = run = None              # free the copy and the compiled UNet before the VAE
+        decode = cpu_peers.openvino_decoder(ref.vae, z, precision)
+        if isinstance(decode, str):
+            table.title += f" (VAE skipped: {decode})"
+            continue
+        vae = ours.vae if dtype == torch.float32 else copy.deepcopy(ours.vae).to(dtype)
+        zz = z.to(dtype)
+        times, out = timed_pair({"sdlearn": lambda: vae.decode(zz), "OpenVINO": lambda: decode(z)},
+                                repeats, f"openvino vae {precision}")
+        side = z.shape[-1] * ours.latent_factor
+        table.add(Row(f"VAE decode to {side}×{side}, {name}", times["sdlearn"], times["OpenVINO"],
+                      note=f"rel. diff {rel_err(out['sdlearn'].float(), out['OpenVINO']):.1e}"))
     return table
 
 
@@ -151,7 +165,7 @@ def main(argv: list[str] | None = None) -> str:
     n = 1024 if args.tiny else 4096
     peaks = {dt: cpu_peers.matmul_peak(dt, n) for dt in (torch.float32, torch.bfloat16)}
     head = cpu_peers.header(peaks, n)
-    print(head, flush=True)
+    print(head, file=sys.stderr, flush=True)
     tables = [table]
 
     path, folder = load_memory.make_file(args.tiny)
@@ -194,7 +208,7 @@ def main(argv: list[str] | None = None) -> str:
             table.add(Row(f"whole {pixels}×{pixels} image, {args.steps} DDIM steps, guided", times["sdlearn"],
                           times["diffusers"], note=f"max Δpixel {diff:.1e}"))
         if "openvino" in parts:
-            tables.append(openvino_table(ours, ref, latents, t, context, reps["openvino"], peaks, flops, size_name))
+            tables.append(openvino_table(ours, ref, latents, t, context, z, reps["openvino"], peaks, flops, size_name))
         del ours, ref
 
     if "bf16" in parts:
