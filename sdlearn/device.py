@@ -2,7 +2,7 @@
 
     device:  $SDLEARN_DEVICE if set, else cuda, else mps (Apple), else cpu
     dtype:   float16 on cuda (half the memory, tensor cores), float32 elsewhere;
-             dtype="auto" (`auto_dtype`) also picks bfloat16 on CPUs with bfloat16 matrix units
+             dtype="auto" (`auto_dtype`) also picks bfloat16 on CPUs that multiply it natively
     threads: $SDLEARN_THREADS if set, else the count the user chose, else one thread for a model
              too small to gain from more (`choose_threads`), else torch's default (all cores)
 
@@ -64,12 +64,14 @@ def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
 
 
 # The CPUs' bfloat16 product units that dtype="auto" takes bfloat16 for (cpu_features.bf16_products).
-# AMX-BF16 (Intel Sapphire Rapids and later): a 4096² product 2.5 TFLOP/s against 0.42 in float32
-# and an SD v1.5 UNet call 1.96 s against 5.7 (diffusers, 2-core Xeon; issue 18).
-# Not AVX512_BF16 alone: on the project's 2-core AMD EPYC (Zen 5) a 4096² product runs 3.8× faster
-# in bfloat16 (0.35 against 0.092 TFLOP/s, 1 thread), but an SD v1.5 UNet call only about 1.1× faster
-# than sdlearn's float32 (see README: CPU), for a relative error of 1.3e-2 instead of 2e-6.
-AUTO_BF16_UNITS = ("amx_bf16",)
+#   amx_bf16     Intel Sapphire Rapids and later: a 4096² product 2.5 TFLOP/s against 0.42 in float32,
+#                an SD v1.5 UNet call 1.96 s against 5.7 (diffusers, 2-core Xeon; issue 18).
+#   avx512_bf16  the project's 2-core AMD EPYC (Zen 5), one thread, load average 2–3: a 4096² product
+#                0.31–0.35 TFLOP/s against 0.09; sdlearn's SD v1.5 UNet call 8.5–9.0 s against 12.1 s
+#                (1.4×), the VAE decode to 512×512 12.4 s against 20.2 s (1.6×); OpenVINO's UNet
+#                5.7 s against 10.4 s. Pixels move by 1.5/255 on average (README: CPU).
+# CPUs without either convert bfloat16 to float32 for every product and gain nothing.
+AUTO_BF16_UNITS = ("amx_bf16", "avx512_bf16")
 
 
 def auto_dtype(device: str | torch.device | None = None,
@@ -77,8 +79,9 @@ def auto_dtype(device: str | torch.device | None = None,
     """dtype="auto": the fastest dtype that keeps the pictures, chosen from what the hardware reports.
 
         cuda                                              float16 (as default_dtype)
-        a CPU whose bfloat16 products run on AUTO_BF16_UNITS,
-          with PyTorch's oneDNN bfloat16 kernels          bfloat16 (8-bit mantissa: pixels move by
+        a CPU that multiplies bfloat16 natively (AMX-BF16
+          or AVX512_BF16: AUTO_BF16_UNITS), with
+          PyTorch's oneDNN bfloat16 kernels                bfloat16 (8-bit mantissa: pixels move by
                                                           a few levels of 255; README: CPU)
         any other CPU, mps                                float32
     """

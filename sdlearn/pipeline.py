@@ -460,8 +460,8 @@ def load_pipeline(source: str | os.PathLike = "tiny", device: str | torch.device
     """Load the tokenizer, text encoder, UNet, VAE and schedule from one source.
 
     device=None picks cuda, then mps, then cpu; dtype=None picks float16 on cuda, float32
-    elsewhere; dtype="auto" also picks bfloat16 on a CPU with bfloat16 matrix units (AMX:
-    sdlearn.device.auto_dtype), faster and a few pixel levels away from float32.
+    elsewhere; dtype="auto" also picks bfloat16 on a CPU that multiplies it natively (AMX-BF16,
+    AVX512_BF16: sdlearn.device.auto_dtype), faster and a few pixel levels away from float32.
     Each tensor is cast and moved as it is read; on the CPU in its stored dtype a
     weight stays a view of the memory-mapped file, so the weights are never held twice.
     fast=True (on a CPU) swaps the UNet's layers for `sdlearn.fast_cpu`'s faster ones: same

@@ -42,15 +42,17 @@ def cpu(name: str):
 
 
 @bf16_kernels
-def test_auto_is_bfloat16_with_amx_and_float32_without():
-    assert auto_dtype("cpu", cpu("intel_xeon_sapphire_rapids.txt")) == torch.bfloat16
-    assert auto_dtype("cpu", cpu("amd_epyc.txt")) == torch.float32         # AVX512_BF16 only: README: CPU
-    assert auto_dtype("cpu", parse_cpuinfo("flags\t: avx2 fma\n")) == torch.float32
+def test_auto_is_bfloat16_where_the_cpu_multiplies_it_and_float32_elsewhere():
+    assert auto_dtype("cpu", cpu("intel_xeon_sapphire_rapids.txt")) == torch.bfloat16     # AMX-BF16
+    assert auto_dtype("cpu", cpu("amd_epyc.txt")) == torch.bfloat16                       # AVX512_BF16
+    assert auto_dtype("cpu", parse_cpuinfo("flags\t: avx2 fma avx512f\n")) == torch.float32
+    assert auto_dtype("cpu", parse_cpuinfo("Features\t: fp asimd bf16\n")) == torch.float32  # ARM: not measured
 
 
 def test_auto_on_this_machine_and_bad_dtypes():
     pipe = sdlearn.load_pipeline("tiny", "cpu", "auto")
     assert pipe.dtype == auto_dtype("cpu") and pipe.unet.conv_in.weight.dtype == pipe.dtype
+    assert pipe.vae.decoder.conv_in.weight.dtype == pipe.text_encoder.text_model.final_layer_norm.weight.dtype == pipe.dtype
     assert sdlearn.load_pipeline("tiny", "cpu").dtype == torch.float32       # the default stays float32
     with pytest.raises(ValueError, match='"auto"'):
         sdlearn.load_pipeline("tiny", "cpu", "fast")
