@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> str:
         table.add(Row("peak RSS: load + one pass of each model", get("sdlearn", "peak_mb"), get("diffusers", "peak_mb"),
                       unit="MB", fmt="{:.0f}", note="VmHWM of the child"))
 
-    if {"unet", "vae", "text", "image"} & set(parts):
+    if {"unet", "vae", "text", "image", "openvino"} & set(parts):
         ours = sdlearn.load_pipeline(path, "cpu", torch.float32)
         ref = diffusers_twin(ours)
         cfg = ours.config
