@@ -100,8 +100,11 @@ def openvino_compile(module: torch.nn.Module, example: tuple, precision: str):
     try:
         with torch.no_grad():
             model = ov.convert_model(module.eval(), example_input=example)
+        # ENABLE_CPU_PINNING off: pinned, OpenVINO's inference thread can be the caller's own, left
+        # pinned to one core for the torch calls that alternate with it
         compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                          "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+                                                          "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                                                          "ENABLE_CPU_PINNING": False})
     except Exception as exc:                            # noqa: BLE001  (any failure: say so, skip the row)
         return f"OpenVINO could not convert or compile it: {type(exc).__name__}: {exc}"[:300]
     request = compiled.create_infer_request()
