@@ -6,7 +6,7 @@
 #   make student    write the student edition of notebooks/ to student/ (solutions cleared, outputs
 #                   cleared; nbgrader's preprocessors); refuses if student/ exists: OVERWRITE=1 replaces it
 #   make figures    regenerate figures/*.png from the package
-#   make bench      CPU benchmarks against diffusers
+#   make bench      CPU benchmarks against diffusers and OpenVINO (installs the bench extra: openvino)
 #   make mutation   mutation testing of the core modules: a seeded random sample of mutants, each
 #                   run against its module's fast tests (MUTANTS=200 MUTATION_SEED=0; about 35 minutes)
 #
@@ -85,7 +85,12 @@ student: install-classroom
 figures: install-notebooks
 	$(PY) -m sdlearn.figures figures
 
-bench: install-test
+# The bench set: the test set and OpenVINO, the benchmark's peer.
+$(VENV)/.sdlearn-bench: pyproject.toml $(VENV)/.sdlearn-test
+	$(PIP) install -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.sdlearn-bench
 	$(PY) bench/run_cpu.py
 
 # One mutant at a time, one thread each: see tools/mutation.py for the sampling and the rules.

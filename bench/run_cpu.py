@@ -1,4 +1,4 @@
-"""The CPU benchmark (`make bench`): sdlearn against diffusers, float32, same weights, one table.
+"""The CPU benchmark (`make bench`): sdlearn against diffusers (and OpenVINO), same weights.
 
     flock /tmp/sdlearn-heavy.lock .venv/bin/python bench/run_cpu.py            # SD v1.5 size (≈ 30 min on 2 cores)
     flock /tmp/sdlearn-heavy.lock .venv/bin/python bench/run_cpu.py --quick    # fewer repeats (≈ 12 min)
@@ -12,6 +12,13 @@ Rows (SD v1.5 size with random weights; `--tiny`: the tiny config at its own siz
     image   one whole 512×512 image: 20 DDIM steps, guidance 7.5 (generate vs StableDiffusionPipeline)
     load    load time and peak RSS, one fresh process per run (bench/load_memory.py's measurement)
     tiny    the bundled tiny model: one 64×64 image, its default 20 DDIM steps, guidance 7.5
+    bf16    the unet, vae and image rows again with both pipelines in bfloat16
+    openvino  the UNet call and VAE decode on OpenVINO (diffusers' converted), float32 and bfloat16,
+            against sdlearn in the same dtype; skipped, saying why, without `openvino`
+
+At the top: the CPU's model and vector/matrix extensions (sdlearn.cpu_features) and its measured
+matrix-product peak in float32 and bfloat16 (bench/cpu_peers.py); UNet rows give the achieved
+TFLOP/s (sdlearn.unet.flops_per_call) beside the peak of their dtype.
 
 Both libraries run the very same weight tensors: sdlearn loads a random original-layout file
 (made once by bench/load_memory.py under .cache/bench), and diffusers' models are built on the
@@ -22,6 +29,7 @@ sdlearn / diffusers ratios; the last column checks that the outputs agree.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -31,13 +39,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Row, Table, alternate, diffusers_twin, machine, on_torch_threads, rel_err  # noqa: E402
 
+import cpu_peers  # noqa: E402
 import load_memory  # noqa: E402
 import sdlearn  # noqa: E402
+from sdlearn.unet import flops_per_call  # noqa: E402
 
-PARTS = ["unet", "vae", "text", "image", "load", "tiny"]
+PARTS = ["unet", "vae", "text", "image", "load", "tiny", "bf16", "openvino"]
 PROMPT, NEGATIVE = "a red circle on the left", "a blue square"
 # repeats per row: full, --quick
-REPEATS = {"unet": (7, 3), "vae": (5, 2), "text": (10, 5), "image": (3, 1), "load": (2, 1), "tiny": (10, 3)}
+REPEATS = {"unet": (7, 3), "vae": (5, 2), "text": (10, 5), "image": (3, 1), "load": (2, 1), "tiny": (10, 3),
+           "bf16": (5, 2), "openvino": (5, 2)}
 
 
 def image_runs(ours, ref, size: int, steps: int, seed: int = 0):
@@ -50,7 +61,7 @@ def image_runs(ours, ref, size: int, steps: int, seed: int = 0):
                                                           guidance=7.5, latents=noise, height=size, width=size,
                                                           progress=False).pixels),
         "diffusers": lambda: ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5,
-                                 latents=noise, height=size, width=size, output_type="pt").images,
+                                 latents=noise.to(ref.unet.dtype), height=size, width=size, output_type="pt").images,
     }
 
 
@@ -60,6 +71,77 @@ def timed_pair(runs: dict, repeats: int, label: str) -> tuple[dict[str, list[flo
         outputs = {name: run() for name, run in runs.items()}
         times = alternate(runs, repeats, label)
     return times, outputs
+
+
+def unet_row(ours, ref, latents, t, context, repeats: int, flops: float, peak: float, label: str = "") -> Row:
+    """One UNet call of each, alternately; the note: agreement and achieved TFLOP/s."""
+    dtype = ours.dtype
+    latents, context = latents.to(dtype), context.to(dtype)
+    times, out = timed_pair({"sdlearn": lambda: ours.unet(latents, t, context),
+                             "diffusers": lambda: ref.unet(latents, t, context).sample}, repeats, "unet" + label)
+    side = latents.shape[-1]
+    return Row(f"UNet call{label}, latents 2×4×{side}×{side}", times["sdlearn"], times["diffusers"],
+               note=f"rel. diff {rel_err(out['sdlearn'], out['diffusers']):.1e}; "
+                    + cpu_peers.achieved(flops, times["sdlearn"], times["diffusers"], peak))
+
+
+def bf16_table(path, size_name: str, repeats: int, steps: int, peak: float) -> Table:
+    """The UNet, VAE and whole-image rows with both pipelines in bfloat16. The check column compares
+    the two bfloat16 computations with each other (they round at different places: about 1e-2)."""
+    table = Table(f"CPU, bfloat16 (both libraries), {size_name}, same random weights")
+    ours = sdlearn.load_pipeline(path, "cpu", torch.bfloat16)
+    ref = diffusers_twin(ours)
+    cfg, side = ours.config, ours.config.unet.sample_size
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, cfg.unet.in_channels, side, side, generator=g)
+    context = ours.text_encoder(ours.tokenizer([NEGATIVE, PROMPT])).detach()
+    z = torch.randn(1, cfg.vae.latent_channels, side, side, generator=g).bfloat16()
+    table.add(unet_row(ours, ref, latents, torch.tensor([981, 981]), context, repeats, flops_per_call(cfg.unet), peak,
+                       " (bf16)"))
+    times, out = timed_pair({"sdlearn": lambda: ours.vae.decode(z), "diffusers": lambda: ref.vae.decode(z).sample},
+                            repeats, "vae bf16")
+    pixels = side * ours.latent_factor
+    table.add(Row(f"VAE decode (bf16) to {pixels}×{pixels}", times["sdlearn"], times["diffusers"],
+                  note=f"rel. diff {rel_err(out['sdlearn'], out['diffusers']):.1e}"))
+    times, out = timed_pair(image_runs(ours, ref, pixels, steps), max(1, repeats // 2), "image bf16")
+    diff = (out["sdlearn"] - out["diffusers"].float()).abs().max().item()
+    table.add(Row(f"whole {pixels}×{pixels} image (bf16), {steps} DDIM steps, guided", times["sdlearn"],
+                  times["diffusers"], note=f"max Δpixel {diff:.1e}"))
+    return table
+
+
+def openvino_table(ours, ref, latents, t, context, z, repeats: int, peaks: dict, flops: float,
+                   size_name: str) -> Table:
+    """sdlearn's UNet call and VAE decode against OpenVINO's compilations of diffusers' (same
+    tensors), float32 and bfloat16; the ratio is sdlearn / OpenVINO."""
+    table = Table(f"CPU: sdlearn against OpenVINO, {size_name}", ref_name="OpenVINO")
+    for precision, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+        name = str(dtype).removeprefix("torch.")
+        run = cpu_peers.openvino_unet(ref.unet, (latents, t, context), precision)
+        if isinstance(run, str):
+            print(f"openvino rows skipped: {run}", file=sys.stderr, flush=True)
+            table.title += f" (skipped: {run})"
+            return table
+        unet = ours.unet if dtype == torch.float32 else copy.deepcopy(ours.unet).to(dtype)
+        x, c = latents.to(dtype), context.to(dtype)
+        times, out = timed_pair({"sdlearn": lambda: unet(x, t, c), "OpenVINO": lambda: run(latents, t, context)},
+                                repeats, f"openvino unet {precision}")
+        table.add(Row(f"UNet call, {name}", times["sdlearn"], times["OpenVINO"],
+                      note=f"rel. diff {rel_err(out['sdlearn'].float(), out['OpenVINO']):.1e}; "
+                           + cpu_peers.achieved(flops, times["sdlearn"], times["OpenVINO"], peaks[dtype], "OpenVINO")))
+        unet = run = None              # free the copy and the compiled UNet before the VAE
+        decode = cpu_peers.openvino_decoder(ref.vae, z, precision)
+        if isinstance(decode, str):
+            table.title += f" (VAE skipped: {decode})"
+            continue
+        vae = ours.vae if dtype == torch.float32 else copy.deepcopy(ours.vae).to(dtype)
+        zz = z.to(dtype)
+        times, out = timed_pair({"sdlearn": lambda: vae.decode(zz), "OpenVINO": lambda: decode(z)},
+                                repeats, f"openvino vae {precision}")
+        side = z.shape[-1] * ours.latent_factor
+        table.add(Row(f"VAE decode to {side}×{side}, {name}", times["sdlearn"], times["OpenVINO"],
+                      note=f"rel. diff {rel_err(out['sdlearn'].float(), out['OpenVINO']):.1e}"))
+    return table
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -80,6 +162,11 @@ def main(argv: list[str] | None = None) -> str:
     size_name = "tiny config" if args.tiny else "SD v1.5 size"
     table = Table(f"CPU, float32, {size_name}, random weights; {machine()}")
     started = time.perf_counter()
+    n = 1024 if args.tiny else 4096
+    peaks = {dt: cpu_peers.matmul_peak(dt, n) for dt in (torch.float32, torch.bfloat16)}
+    head = cpu_peers.header(peaks, n)
+    print(head, file=sys.stderr, flush=True)
+    tables = [table]
 
     path, folder = load_memory.make_file(args.tiny)
     if "load" in parts:       # first, while this process holds no models (the children are measured alone)
@@ -90,7 +177,7 @@ def main(argv: list[str] | None = None) -> str:
         table.add(Row("peak RSS: load + one pass of each model", get("sdlearn", "peak_mb"), get("diffusers", "peak_mb"),
                       unit="MB", fmt="{:.0f}", note="VmHWM of the child"))
 
-    if {"unet", "vae", "text", "image"} & set(parts):
+    if {"unet", "vae", "text", "image", "openvino"} & set(parts):
         ours = sdlearn.load_pipeline(path, "cpu", torch.float32)
         ref = diffusers_twin(ours)
         cfg = ours.config
@@ -102,11 +189,9 @@ def main(argv: list[str] | None = None) -> str:
         context = ours.text_encoder(ids).detach()
         t = torch.tensor([981, 981])
         z = torch.randn(1, cfg.vae.latent_channels, side, side, generator=g)
+        flops = flops_per_call(cfg.unet)
         if "unet" in parts:
-            times, out = timed_pair({"sdlearn": lambda: ours.unet(latents, t, context),
-                                     "diffusers": lambda: ref.unet(latents, t, context).sample}, reps["unet"], "unet")
-            table.add(Row(f"UNet call, latents 2×4×{side}×{side}", times["sdlearn"], times["diffusers"],
-                          note=f"rel. diff {rel_err(out['sdlearn'], out['diffusers']):.1e}"))
+            table.add(unet_row(ours, ref, latents, t, context, reps["unet"], flops, peaks[torch.float32]))
         if "vae" in parts:
             times, out = timed_pair({"sdlearn": lambda: ours.vae.decode(z),
                                      "diffusers": lambda: ref.vae.decode(z).sample}, reps["vae"], "vae")
@@ -122,7 +207,12 @@ def main(argv: list[str] | None = None) -> str:
             diff = (out["sdlearn"] - out["diffusers"].float()).abs().max().item()
             table.add(Row(f"whole {pixels}×{pixels} image, {args.steps} DDIM steps, guided", times["sdlearn"],
                           times["diffusers"], note=f"max Δpixel {diff:.1e}"))
+        if "openvino" in parts:
+            tables.append(openvino_table(ours, ref, latents, t, context, z, reps["openvino"], peaks, flops, size_name))
         del ours, ref
+
+    if "bf16" in parts:
+        tables.append(bf16_table(path, size_name, reps["bf16"], args.steps, peaks[torch.bfloat16]))
 
     if "tiny" in parts:
         ours = sdlearn.load_pipeline("tiny", "cpu", torch.float32)
@@ -132,7 +222,7 @@ def main(argv: list[str] | None = None) -> str:
         table.add(Row(f"tiny model: one 64×64 image, {args.steps} DDIM steps", times["sdlearn"], times["diffusers"],
                       note=f"max Δpixel {diff:.1e}"))
 
-    text = table.render() + f"\n(took {time.perf_counter() - started:.0f} s)"
+    text = "\n\n".join([head] + [t.render() for t in tables if t.rows]) + f"\n(took {time.perf_counter() - started:.0f} s)"
     print(text, flush=True)
     return text
 

@@ -12,8 +12,12 @@ Swapping means giving each layer a subclass as its class (`layer.__class__ = One
 same object, the same parameters, the same state dict; only `forward` differs. No weight is
 copied or re-laid out ahead of time, so nothing goes stale when the weights change. Every fast
 forward steps aside for the plain one when it cannot help: autograd (training), another device
-or dtype than float32 on the CPU, and while `torch.compile` traces the model. The results equal
-the plain layers' to float32 rounding (tests/test_fast_cpu.py).
+or dtype than float32 or bfloat16 on the CPU, and while `torch.compile` traces the model. The
+results equal the plain layers' to float32 rounding, or bfloat16 rounding for a bfloat16 model
+(tests/test_fast_cpu.py).
+
+Which paths `load_pipeline` switches on is chosen from what the CPU reports (`choose_paths`,
+sdlearn.cpu_features), not from the machine they were measured on.
 
 What each path buys, switched on one at a time (bench/unet_ablation.py; SD v1.5 UNet, one call on
 latents 2×4×64×64, float32, 2 threads on the project's 2-core AMD EPYC with AVX-512):
@@ -39,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cpu_features import CPUFeatures, detect
 from .unet import GEGLU, UNet
 
 PATHS = ("channels_last", "linear", "conv", "geglu")
@@ -65,10 +70,14 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], "none" if post_op == "gelu" else "")
 
 
+DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _useful(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """May a layer take its oneDNN path? CPU, float32, no autograd graph to build, and not while
-    `torch.compile` traces the model (its compiler makes its own choices for plain layers)."""
-    return (AVAILABLE and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    """May a layer take its oneDNN path? CPU, float32 or bfloat16 (input and weight alike), no
+    autograd graph to build, and not while `torch.compile` traces the model (its compiler makes
+    its own choices for plain layers)."""
+    return (AVAILABLE and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in DTYPES
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.compiler.is_compiling())
 
@@ -131,6 +140,28 @@ class FusedGEGLU(GEGLU):
         inner = w.shape[0] // 2
         gate = onednn_linear(x, w[inner:], b[inner:], post_op="gelu")
         return onednn_linear(x, w[:inner], b[:inner]).mul_(gate)
+
+
+# -- which paths, on which CPU -------------------------------------------------------------------
+
+# By vendor, from cpu_features: the measurements behind each choice.
+#   AMD    every path: bench/unet_ablation.py on the 2-core EPYC (Zen 5), float32, table above;
+#          in bfloat16 (AVX512_BF16) the paths took an SD v1.5 UNet call at 32×32 latents from
+#          1.82 s to 1.50 s (1 thread, README: CPU).
+#   Intel  every path: the one configuration measured on a 2-core Xeon with AMX (issue 18:
+#          0.90 × diffusers in float32); no path has been measured alone there yet. MKL, not
+#          slow on Intel, makes `linear` the first to re-measure (bench/unet_ablation.py).
+PATHS_BY_VENDOR = {"AMD": PATHS, "Intel": PATHS}
+
+
+def choose_paths(cpu: CPUFeatures | None = None) -> tuple[str, ...]:
+    """The speed paths for a CPU (default: this one): its vendor's row of PATHS_BY_VENDOR; every
+    path elsewhere (each is equal to the plain layer, so an unmeasured CPU loses no accuracy);
+    none without PyTorch's oneDNN ops."""
+    if not AVAILABLE:
+        return ()
+    cpu = cpu or detect()
+    return PATHS_BY_VENDOR.get(cpu.vendor, PATHS)
 
 
 # -- the switch ----------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from . import fast_cpu, lora, textual_inversion
 from .attention_maps import CrossAttentionMaps, word_maps
 from .configs import ModelConfig
-from .device import choose_threads, default_dtype, randn, resolve_device, using_threads
+from .device import auto_dtype, choose_threads, default_dtype, randn, resolve_device, using_threads
 from .images import to_pil
 from .preview import LatentPreview, fitting_images
 from .prompt_syntax import check_syntax
@@ -130,6 +130,14 @@ class Pipeline:
         return f"Pipeline({self.source!r}, {self.device}, {str(self.dtype).replace('torch.', '')}; {'; '.join([sizes, *added])})"
 
     # -- sizes and defaults -------------------------------------------------------------------
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype of the sampler's x between steps: the models' dtype, except float32 for
+        bfloat16 models. bfloat16 keeps 8 bits of mantissa (relative steps of 2⁻⁸ = 0.4 %), too
+        coarse to carry x through the sampler's updates x ← a·x + b·ε; the UNet gets x cast to
+        bfloat16 and gives back ε cast to float32. (float16 keeps 11 bits, as diffusers runs it.)"""
+        return torch.float32 if self.dtype == torch.bfloat16 else self.dtype
 
     @property
     def latent_factor(self) -> int:
@@ -369,9 +377,9 @@ class Pipeline:
         def model(x_in: torch.Tensor, t) -> torch.Tensor:
             with recorder:
                 if guidance <= 1:
-                    return self.unet(x_in, t, context)
-                eps_uncond, eps_cond = self.unet(torch.cat([x_in, x_in]), t, context).chunk(2)
-            return classifier_free_guidance(eps_uncond, eps_cond, guidance)
+                    return self.unet(x_in.to(self.dtype), t, context).to(x_in.dtype)
+                eps = self.unet(torch.cat([x_in, x_in]).to(self.dtype), t, context).to(x_in.dtype)
+            return classifier_free_guidance(*eps.chunk(2), guidance)
         return model
 
     def _start(self, req, sched, generator) -> "_Start":
@@ -385,7 +393,7 @@ class Pipeline:
         def unit_noise():
             if req.latents is not None:
                 return req.latents.to(self.device)
-            return randn(req.latent_shape, generator, dtype=self.dtype, device=self.device)
+            return randn(req.latent_shape, generator, dtype=self.latent_dtype, device=self.device)
 
         if req.image is None:
             sched.set_timesteps(req.steps)
@@ -395,6 +403,7 @@ class Pipeline:
         timesteps = sched.timesteps_for_strength(req.steps, req.strength)
         # Each picture is encoded once (as diffusers does), then repeated per image.
         z_first = self.vae.encode(req.image.to(self.device, self.dtype)).sample(generator) * self.vae.scaling_factor
+        z_first = z_first.to(self.latent_dtype)
         z_image = per_image(z_first, req.batch // req.num_images, req.num_images, "image")
         noise = unit_noise()
         if req.mask is not None and req.strength == 1.0:
@@ -407,7 +416,7 @@ class Pipeline:
             # posterior sample's noise too, so that stochastic samplers see the same numbers.
             randn(z_first.shape, generator, dtype=z_first.dtype, device=z_first.device)
             mask = torch.nn.functional.interpolate(req.mask, size=req.latent_shape[2:])   # nearest, as diffusers
-            mask = mask.to(self.device, self.dtype)
+            mask = mask.to(self.device, self.latent_dtype)
         return _Start(timesteps, x, noise, z_image, mask)
 
 
@@ -447,24 +456,27 @@ def _asks_to_stop(callback, info: StepInfo) -> bool:
 
 
 def load_pipeline(source: str | os.PathLike = "tiny", device: str | torch.device | None = None,
-                  dtype: torch.dtype | None = None, *, config: ModelConfig | None = None,
+                  dtype: torch.dtype | str | None = None, *, config: ModelConfig | None = None,
                   fast: bool = True) -> Pipeline:
     """Load the tokenizer, text encoder, UNet, VAE and schedule from one source.
 
     device=None picks cuda, then mps, then cpu; dtype=None picks float16 on cuda, float32
-    elsewhere. Each tensor is cast and moved as it is read; on the CPU in its stored dtype a
+    elsewhere; dtype="auto" also picks bfloat16 on a CPU that multiplies it natively (AMX-BF16,
+    AVX512_BF16: sdlearn.device.auto_dtype), faster and a few pixel levels away from float32.
+    Each tensor is cast and moved as it is read; on the CPU in its stored dtype a
     weight stays a view of the memory-mapped file, so the weights are never held twice.
     fast=True (on a CPU) swaps the UNet's layers for `sdlearn.fast_cpu`'s faster ones: same
     weights, same results to float32 rounding; fast=False keeps the plain PyTorch layers.
     """
     device = resolve_device(device)
-    dtype = dtype or default_dtype(device)
+    dtype = auto_dtype(device) if dtype == "auto" else dtype or default_dtype(device)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype={dtype!r}: expected a floating torch.dtype such as torch.float32 or torch.float16")
+        raise ValueError(f"dtype={dtype!r}: expected a floating torch.dtype such as torch.float32 or torch.bfloat16, "
+                         "or \"auto\"")
     ckpt = open_checkpoint(resolve_source(source), config)
     models = {c: load_component(ckpt, c, device, dtype) for c in COMPONENTS}
     if fast and device.type == "cpu":
-        fast_cpu.enable(models["unet"])
+        fast_cpu.enable(models["unet"], fast_cpu.choose_paths())
     tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_folder) if ckpt.tokenizer_folder else default_tokenizer()
     defaults = read_defaults(ckpt)
     pipe = Pipeline(tokenizer=tokenizer, schedule=defaults.schedule, device=device, dtype=dtype,

@@ -107,7 +107,7 @@ def make_request(pipe, prompt, *, negative_prompt=None, steps=None, guidance=7.5
     f = pipe.latent_factor
     shape = (batch, pipe.unet.config.in_channels, height // f, width // f)
     if latents is not None:
-        check_latents(latents, shape, pipe.dtype)
+        check_latents(latents, shape, pipe.latent_dtype)    # float32 for a bfloat16 pipeline
 
     req = Request(prompts=[p for p in prompts for _ in range(num_images)],
                   negatives=[n for n in negatives for _ in range(num_images)], num_images=num_images,
@@ -231,7 +231,8 @@ def check_latents(latents, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {tuple(shape)} "
                          "(images, latent channels, height/8, width/8) for this batch and size")
     if latents.dtype != dtype:
-        raise ValueError(f"latents are {latents.dtype} but the pipeline runs in {dtype}; pass latents.to({dtype})")
+        raise ValueError(f"latents are {latents.dtype} but the pipeline's sampler runs in {dtype}; "
+                         f"pass latents.to({dtype})")
 
 
 def check_size(pipe, height, width, batch: int, guided: bool) -> None:

@@ -35,7 +35,8 @@ def _rows(table: str) -> dict[str, list[str]]:
 def test_cpu_benchmark_tiny_prints_every_row(capsys):
     import run_cpu
 
-    text = run_cpu.main(["--tiny", "--quick", "--steps", "2", "--threads", "1"])
+    text = run_cpu.main(["--tiny", "--quick", "--steps", "2", "--threads", "1",
+                         "--only", "unet,vae,text,image,load,tiny"])
     rows = _rows(text)
     names = list(rows)[1:]                                 # the first is the header
     expected = ["load the single file", "peak RSS", "UNet call", "VAE decode", "text encoder", "whole 64×64 image",
@@ -55,6 +56,38 @@ def test_cpu_benchmark_tiny_prints_every_row(capsys):
             m = re.search(r"max Δpixel ([0-9.e+-]+)", note)
             assert m and float(m.group(1)) <= 2e-3, f"{name}: {note}"
     assert "ratio = sdlearn / diffusers" in text
+
+
+def test_cpu_benchmark_prints_the_cpu_its_peaks_and_the_bfloat16_and_openvino_rows(capsys):
+    import run_cpu
+
+    from sdlearn.cpu_features import detect
+
+    text = run_cpu.main(["--tiny", "--quick", "--steps", "2", "--threads", "1", "--only", "unet,bf16,openvino"])
+    first, second = text.splitlines()[:2]
+    assert first == "CPU: " + detect().summary()
+    peaks = re.search(r"float32 ([0-9.]+) TFLOP/s, bfloat16 ([0-9.]+) TFLOP/s", second)
+    assert peaks and all(float(p) > 0 for p in peaks.groups()), second
+    rows = _rows(text)
+    unet = rows["UNet call, latents 2×4×8×8"][-1]
+    m = re.search(r"TFLOP/s sdlearn ([0-9.]+), diffusers ([0-9.]+) \(peak ([0-9.]+); sdlearn (\d+) %\)", unet)
+    assert m and 0 < float(m.group(1)) < float(m.group(3)), unet
+    bf16 = {name: cells for name, cells in rows.items() if "(bf16)" in name}
+    assert len(bf16) == 3, text
+    for name, cells in bf16.items():               # both sides in bfloat16: they agree to its rounding
+        m = re.search(r"(rel\. diff|max Δpixel) ([0-9.e+-]+)", cells[-1])
+        assert m and float(m.group(2)) <= 3e-2, f"{name}: {cells[-1]}"
+    if "skipped" not in text:                      # openvino installed (pyproject: the bench extra)
+        for name, tol in (("UNet call, float32", 1e-4), ("VAE decode to 64×64, float32", 1e-4),   # same models
+                          ("UNet call, bfloat16", 3e-2), ("VAE decode to 64×64, bfloat16", 3e-2)):
+            assert float(rows[name][-1].split()[2].rstrip(";")) <= tol, rows[name]
+
+
+def test_tflops_note_is_flops_over_the_median_time():
+    import cpu_peers
+
+    note = cpu_peers.achieved(2e12, [1.0, 4.0, 2.0], [4.0, 4.0, 4.0], peak=8e12)
+    assert note == "TFLOP/s sdlearn 1.000, diffusers 0.500 (peak 8.000; sdlearn 12 %)"
 
 
 def test_gpu_benchmark_runs_on_the_cpu_at_tiny_size(capsys):
