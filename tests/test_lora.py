@@ -29,15 +29,9 @@ from sdlearn.unet import UNet
 
 TINY = ModelConfig.tiny()
 TOL = 1e-4
-THREADS = torch.get_num_threads()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread (tests/test_pipeline.py says why)."""
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(THREADS)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 # ---- random LoRA files ------------------------------------------------------------------------

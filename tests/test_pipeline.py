@@ -35,13 +35,7 @@ STOCHASTIC = {"euler_a", "ddpm"}
 THREADS = torch.get_num_threads()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy shared 2-core machine
-    OpenMP's spinning threads stall each step for seconds (2 min for this file instead of 20 s)."""
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(THREADS)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

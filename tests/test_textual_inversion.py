@@ -28,14 +28,9 @@ TINY = ModelConfig.tiny()
 TOL = 1e-5
 # A full-size text encoder (the part textual inversion changes) with a small UNet and VAE.
 SD15_TEXT = TINY.replace(text_encoder=CLIPTextConfig.sd15(), unet=TINY.unet.replace(cross_attention_dim=768))
-THREADS = torch.get_num_threads()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(THREADS)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 def pair(config: ModelConfig):
