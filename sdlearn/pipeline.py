@@ -312,8 +312,9 @@ class Pipeline:
         """
         threads = self.cpu_threads
         check_syntax(prompt_syntax)
-        if prompt_syntax is not None and attention_maps:
-            raise ValueError("attention_maps=True reads plain prompts only; use prompt_syntax=None with it")
+        if attention_maps and (prompt_syntax is not None or prompt_embeds is not None):
+            raise ValueError("attention_maps=True names the words of a plain text prompt; use it without "
+                             "prompt_syntax and without prompt_embeds")
         if prompt_embeds is not None or negative_prompt_embeds is not None:
             prompt = check_embeds(self, prompt, prompt_embeds, negative_prompt_embeds)
         with torch.inference_mode(), using_threads(threads):

@@ -119,3 +119,9 @@ def test_prompt_embeds_more_bad_input():
         pipe.generate(prompt_embeds=torch.zeros(1, 77, 64, dtype=torch.long), progress=False)
     with pytest.raises(ValueError, match="10 tokens"):
         pipe.generate(prompt_embeds=torch.zeros(1, 10, 64), progress=False)
+
+
+def test_attention_maps_need_a_plain_prompt():
+    pipe = sdlearn.load_pipeline("tiny")
+    with pytest.raises(ValueError, match="without prompt_syntax and without prompt_embeds"):
+        pipe.generate(prompt_embeds=pipe.encode_prompts(["a red circle"]), attention_maps=True, progress=False)
