@@ -12,7 +12,7 @@ from sdlearn import shapes
 from sdlearn.cli import main
 from sdlearn.configs import ModelConfig
 from sdlearn.pipeline import load_pipeline
-from test_pipeline import one_thread  # noqa: F401  (a module-wide fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 TINY = ModelConfig.tiny()
 FAST = ["--steps", "2", "--sampler", "ddim", "-q"]

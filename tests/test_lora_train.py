@@ -15,9 +15,8 @@ from reference import rel_err
 from sdlearn import analyser, lora, lora_train, shapes
 from sdlearn.sources import resolve_source
 
-import test_lora
 
-one_thread = test_lora.one_thread       # the autouse fixture: one thread, as for every tiny-model test
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 OUTLINE_LORA = resolve_source("tiny").parent / "lora_outline.safetensors"
 RECORD = OUTLINE_LORA.with_suffix(".json")            # lora_train.evaluate's record of it

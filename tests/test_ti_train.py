@@ -11,12 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import test_textual_inversion
 from sdlearn import analyser, shapes, textual_inversion, ti_concepts, ti_train
 from sdlearn.pipeline import load_pipeline
 from sdlearn.ti_concepts import CONCEPTS, NIGHT, PTRI, STAR, Concept
 
-one_thread = test_textual_inversion.one_thread      # its module-wide, autouse one-thread fixture
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 def test_a_background_concept_draws_its_background_and_appends_its_token():

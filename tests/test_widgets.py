@@ -14,12 +14,7 @@ from sdlearn.widgets import (GuidanceExplorer, attention_by_layer, attention_ove
 PROMPT = "a large red circle on the left"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)          # tiny models: a second thread only adds contention
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
