@@ -195,6 +195,44 @@ def caption(shapes: Sequence[dict[str, Any]], rng: np.random.Generator) -> str:
                   with_colour=style >= 0.93, with_shape=style < 0.93)
 
 
+def mistake(shapes: Sequence[dict[str, Any]], rng: np.random.Generator,
+            held_out: Collection[tuple[str, str]] = HELD_OUT) -> list[dict[str, Any]]:
+    """The shapes of a training picture as a careless captioner describes them: a copy with one
+    thing wrong.
+
+    Two shapes: with probability ½ the sides are swapped ("a blue square on the left and a red
+    circle on the right" for the opposite picture); otherwise one object, either, gets another
+    colour or another shape (one draw each). One shape: its colour, its shape, or both replaced
+    (one draw each). Positions and sizes of single shapes stay right. A mistake never names a
+    `held_out` pair: a replacement that would is drawn again (rejection sampling, so a kind with
+    fewer allowed replacements comes up a little less often than its nominal share), and since
+    training pictures never show one, shapes that do are refused with a ValueError. Two objects
+    of the same colour and shape read the same when swapped: that draw leaves the caption right.
+
+    Training on some such captions (`caption_noise` in sdlearn/train.py) is what makes the tiny
+    model need guidance: its captions, like web alt-texts, no longer always say exactly what the
+    picture shows."""
+    shown = [(s["colour"], s["shape"]) for s in shapes if (s["colour"], s["shape"]) in held_out]
+    if shown:
+        raise ValueError(f"mistake() describes training pictures, which never show a held-out pair; got {shown}")
+
+    def other(value: str, choices) -> str:
+        return str(rng.choice([c for c in choices if c != value]))
+
+    if len(shapes) == 2 and rng.random() < 0.5:
+        a, b = shapes
+        return [a | {"position": b["position"]}, b | {"position": a["position"]}]
+    while True:   # re-draw until the wrong description names no held-out pair (a few tries at most)
+        out = [dict(s) for s in shapes]
+        target = out[int(rng.integers(len(out)))]
+        kind = int(rng.integers(3)) if len(out) == 1 else 1 + int(rng.integers(2))   # 0 both, 1 colour, 2 shape
+        if kind in (0, 1):
+            target["colour"] = other(target["colour"], COLOURS)
+        if kind in (0, 2):
+            target["shape"] = other(target["shape"], SHAPES)
+        if all((o["colour"], o["shape"]) not in held_out for o in out):
+            return out
+
 _WORD = {w: ("colour", w) for w in COLOURS} | {w: ("shape", w) for w in SHAPES} \
     | {w: ("size", w) for w in SIZES} | {w: ("position", w) for w in POSITIONS} | {"centre": ("position", "center")}
 

@@ -29,30 +29,28 @@ shipped files hold the figures): textual inversion can only *name* what the mode
 in answer to its text.
 - `<night>` (sdlearn/data/night_embedding.json), 8 vectors from the row of "picture": the
   backgrounds are in every training picture, only the words never said which. 600 steps in 92 s;
-  of the 72 pictures (36 grammar prompts × 2 seeds) 54 % are black with the token, 36 % without
-  it (the model's own lean), 40 % with the initial rows; colour, shape, position stay right
-  (100 %, 99 %, 100 %). A real but partial effect: the UNet draws black backgrounds, but it chose
+  of the 72 pictures (36 grammar prompts × 2 seeds) 57 % are black with the token, 35 % without
+  it (the model's own lean), 39 % with the initial rows; colour, shape, position stay right
+  (100 %, 96 %, 100 %). A real but partial effect: the UNet draws black backgrounds, but it chose
   them from the starting noise, never from the text (no caption named one), so its
-  cross-attention has little to steer them with. One vector, lr 0.02 or 0.1 to 0.3, t from the
-  upper half only, or the token put first instead of last: 44–53 % on one seed.
-- `<star>` (sdlearn/data/star_embedding.json), from the row of "triangle": 600 steps in 101 s;
-  the 72 pictures keep their colour and position (100 %), but the token draws *circles* (100 %;
-  the triangle's row drew triangles), never a star (0 %). Not for want of training: the same
-  code teaches squares from the triangle's row in 300 steps (94 % squares, nearest word
-  "square"). The limit is the UNet, which never saw a star: the VAE shows stars (97 % of its
-  reconstructions read as stars), but image-to-image from star pictures at strength 0.3, prompts
-  naming no shape, keeps none (0 %): the UNet turns a star into a shape it knows, and an
-  embedding changes only the text it reads.
+  cross-attention has little to steer them with.
+- `<star>` (sdlearn/data/star_embedding.json), from the row of "triangle": 600 steps in 227 s
+  (on a loaded machine); the 72 pictures keep their colour and position (100 %), but the token
+  draws *circles* (90 %; the triangle's row drew triangles, 93 %), never a star (0 %). Not for
+  want of training: the same code teaches squares from the triangle's row in 300 steps (100 %
+  squares, nearest word "square"). The limit is the UNet, which never saw a star: the VAE shows
+  stars (97 % of its reconstructions read as stars), but image-to-image from star pictures at
+  strength 0.3, prompts naming no shape, keeps none (0 %): the UNet turns a star into a shape it
+  knows, and an embedding changes only the text it reads.
 - `<ptri>` (sdlearn/data/ptri_embedding.json), one vector from the row of "triangle": a purple
   triangle, one of the `shapes.HELD_OUT` pairs no training picture showed. 600 steps at lr 0.05
-  in 99 s; of the 36 pictures (18 prompts, sizes × positions, × 2 seeds) 100 % are purple
-  triangles where and as large as asked; the initial row drew triangles (94 %), never purple (0 %).
-  The learned row lies between the two words' rows (cosine 0.51 to "purple", 0.44 to "triangle",
-  under 0.21 to every other word the model knows). Starting from "purple" (whose row drew purple
-  squares, 83 %, and circles, never a triangle) gives the same 100 %. So does the plain "purple triangle"
-  (100 %), as does the trained pair "red triangle": the UNet composes the unseen pair from the two
-  words, and textual inversion finds one row that says both, as it can for anything the model
-  draws from its text.
+  in 92 s; of the 36 pictures (18 prompts, sizes × positions, × 2 seeds) 58 % are purple
+  triangles where and as large as asked (purple 97 %, triangles 61 %); the initial row drew
+  triangles (97 %), never purple (0 %). The learned row's nearest words are "purple" (cosine
+  0.49) and "triangle" (0.28). The plain words "purple triangle" do about as well (67 %) and the
+  trained pair "red triangle" better (94 %): the UNet composes the unseen pair from its two
+  words only part of the time, and textual inversion finds one row that says about as much as
+  the two words, as it can for anything the model draws from its text.
 
 Command lines (the shipped embeddings were made so; their JSON records hold them; an existing
 --out file or record is replaced only with --force):

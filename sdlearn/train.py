@@ -20,7 +20,9 @@ tokenizer (Ho et al. 2020, Algorithm 1; classifier-free guidance as Ho & Saliman
     z₀ = s · (μ + σ·ε′),  t ~ U{0 … 999},  ε ~ N(0, I),  c = CLIP(caption or "": `caption_dropout`)
     minimising `noise_prediction_loss`  ‖ε − ε_θ(√ᾱ_t z₀ + √(1−ᾱ_t) ε, t, c)‖²
 
-  with SD v1's scaled_linear schedule.
+  with SD v1's scaled_linear schedule. With `caption_noise` p, a share p of the captions have one
+  thing wrong (`shapes.mistake`), as web captions do: the shipped model's last 2,000 steps used
+  0.3, which is what makes guidance matter for it (README, "The tiny model").
 
 Both stages use AdamW with a linear warm-up, an EMA of the weights (the EMA weights are what
 gets exported), gradient clipping, periodic checkpoints (model, EMA, optimizer, step, RNG
@@ -92,6 +94,7 @@ class Settings:
     # stage unet
     caption_dropout: float = 0.1     # P(caption → ""), which teaches the unconditional ε for CFG
     captions_per_image: int = 4      # the dataset's caption plus re-worded variants
+    caption_noise: float = 0.0       # P(a caption has one thing wrong: shapes.mistake), as web captions do
     eval_every: int = 0              # 0: evaluate only at the end
     eval_steps: int = 20             # sampler steps per evaluation image; 0: no evaluation
     eval_guidance: float = 7.5         # the default guidance of generate
@@ -403,12 +406,18 @@ class TextToNoise(nn.Module):
 
 def caption_ids(data: shapes.ShapeDataset, s: Settings) -> torch.Tensor:
     """Token ids (N, K, 77) of K captions per picture: the dataset's own, then K−1 re-wordings
-    drawn from `default_rng([seed, i, k])`, so the model sees each picture described several ways."""
+    drawn from `default_rng([seed, i, k])`, so the model sees each picture described several ways.
+    With `caption_noise` p > 0 each of the K is, with probability p (its own draw from
+    `default_rng([seed, i, k, 1])`), a caption of `shapes.mistake(...)` instead: loose captions."""
     texts = []
-    for i, (text, attrs) in enumerate(zip(data.captions, data.attributes)):
-        texts.append(text)
-        texts += [shapes.caption(attrs["shapes"], np.random.default_rng([s.seed, i, k]))
-                  for k in range(1, s.captions_per_image)]
+    for i, (own, attrs) in enumerate(zip(data.captions, data.attributes)):
+        for k in range(s.captions_per_image):
+            noise = np.random.default_rng([s.seed, i, k, 1])
+            if s.caption_noise > 0 and noise.random() < s.caption_noise:
+                wrong = shapes.mistake(attrs["shapes"], noise)
+                texts.append(shapes.caption(wrong, np.random.default_rng([s.seed, i, k])))
+            else:
+                texts.append(own if k == 0 else shapes.caption(attrs["shapes"], np.random.default_rng([s.seed, i, k])))
     return default_tokenizer()(texts).view(len(data.captions), s.captions_per_image, -1)
 
 
@@ -516,8 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--threads", type=int, default=None,
                        help="CPU threads per process (on a busy machine, 1 thread × N processes is faster)")
         for f in dataclasses.fields(Settings):
-            if stage == "vae" and f.name in ("caption_dropout", "captions_per_image", "eval_every", "eval_steps",
-                                             "eval_guidance"):
+            if stage == "vae" and f.name in ("caption_dropout", "captions_per_image", "caption_noise", "eval_every",
+                                             "eval_steps", "eval_guidance"):
                 continue
             if stage == "unet" and f.name in ("kl_weight", "l2_weight", "edge_weight", "preview_weight", "peak_weight"):
                 continue

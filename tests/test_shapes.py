@@ -234,3 +234,62 @@ def test_image_grid_shows_each_image_with_its_caption():
     assert shown[2].get_title().replace("\n", " ") == d.captions[2]
     with pytest.raises(ValueError, match="one caption per image"):
         viz.image_grid(list(d.images), d.captions[:2])
+
+
+# ----------------------------------------------------------------------------------- loose captions
+
+def _differences(truth, wrong):
+    return [(key, t[key], w[key]) for t, w in zip(truth, wrong) for key in t if t[key] != w[key]]
+
+
+def test_a_mistake_changes_exactly_one_thing_and_never_names_a_held_out_pair(training):
+    rng, kinds = np.random.default_rng(0), Counter()
+    for attrs in training.attributes[:600]:
+        truth = attrs["shapes"]
+        wrong = shapes.mistake(truth, rng)
+        assert truth == attrs["shapes"]                       # a copy: the picture's labels stay true
+        diff = _differences(truth, wrong)
+        assert all((w["colour"], w["shape"]) not in shapes.HELD_OUT for w in wrong)
+        if len(truth) == 2 and {k for k, _, _ in diff} == {"position"}:
+            assert [w["position"] for w in wrong] == [t["position"] for t in truth][::-1]
+            kinds["swapped"] += 1
+            continue
+        keys = sorted(k for k, _, _ in diff)
+        assert keys in (["colour"], ["shape"], ["colour", "shape"]), diff
+        assert len(truth) == 1 or len({k for k, _, _ in diff}) == 1 and keys != ["colour", "shape"], diff
+        kinds[(len(truth), "+".join(keys))] += 1
+    assert set(kinds) == {"swapped", (1, "colour"), (1, "shape"), (1, "colour+shape"), (2, "colour"), (2, "shape")}
+
+
+def test_caption_noise_zero_keeps_the_captions_and_p_makes_a_share_p_of_them_wrong(training):
+    from sdlearn import train
+
+    small = shapes.ShapeDataset(training.images[:400], training.captions[:400], training.attributes[:400])
+    clean = train.caption_ids(small, train.Settings(captions_per_image=3))
+    assert clean.shape == (400, 3, 77)
+    assert torch.equal(clean[:, 0], train.default_tokenizer()(small.captions))   # the dataset's own caption first
+    tok = train.default_tokenizer()
+    by_hand = [[own] + [shapes.caption(attrs["shapes"], np.random.default_rng([0, i, k])) for k in (1, 2)]
+               for i, (own, attrs) in enumerate(zip(small.captions, small.attributes))]
+    assert torch.equal(clean, tok([t for row in by_hand for t in row]).view(400, 3, 77))   # what p = 0 always gave
+    noisy = train.caption_ids(small, train.Settings(captions_per_image=3, caption_noise=0.3))
+    assert torch.equal(noisy, train.caption_ids(small, train.Settings(captions_per_image=3, caption_noise=0.3)))
+    changed = (noisy != clean).any(-1).float().mean().item()
+    assert 0.22 < changed < 0.38, changed                 # a mistake is a different caption of the same picture
+    wrong, rows = 0, torch.nonzero((noisy != clean).any(-1)).tolist()
+    for i, k in rows:
+        said, truth = shapes.parse_caption(tok.decode(noisy[i, k])), small.attributes[i]["shapes"]
+        assert len(said) == len(truth)                    # still a caption of this many objects
+        assert not any((o["colour"], o["shape"]) in shapes.HELD_OUT for o in said)
+        if len(truth) == 2:
+            said = sorted(said, key=lambda s: [t["position"] for t in truth].index(s["position"]))
+        wrong += any(s[key] not in (None, t[key]) for s, t in zip(said, truth) for key in ("colour", "shape"))
+    assert wrong / len(rows) > 0.8, (wrong, len(rows))    # the rest: a re-wording that left the mistake out
+
+
+def test_a_mistake_refuses_shapes_no_training_picture_shows():
+    held = {"colour": "purple", "shape": "triangle", "size": "small", "position": "left"}
+    other = {"colour": "green", "shape": "circle", "size": "small", "position": "right"}
+    for objects in ([held], [held, other], [held, {**other, "colour": "red"}]):
+        with pytest.raises(ValueError, match="never show a held-out pair"):
+            shapes.mistake(objects, np.random.default_rng(0))
