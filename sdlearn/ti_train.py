@@ -47,10 +47,11 @@ in answer to its text.
   in 92 s; of the 36 pictures (18 prompts, sizes × positions, × 2 seeds) 58 % are purple
   triangles where and as large as asked (purple 97 %, triangles 61 %); the initial row drew
   triangles (97 %), never purple (0 %). The learned row's nearest words are "purple" (cosine
-  0.49) and "triangle" (0.28). The plain words "purple triangle" do about as well (67 %) and the
-  trained pair "red triangle" better (94 %): the UNet composes the unseen pair from its two
-  words only part of the time, and textual inversion finds one row that says about as much as
-  the two words, as it can for anything the model draws from its text.
+  0.49) and "triangle" (0.28). The plain words "purple triangle" do a little better (67 %) and the
+  trained pair "red triangle" much better (94 %): the UNet composes the unseen pair from its two
+  words only part of the time (on the model before its loose-caption steps, all three drew
+  100 %), and textual inversion finds one row that says nearly as much as the two words, as it
+  can for anything the model draws from its text.
 
 Command lines (the shipped embeddings were made so; their JSON records hold them; an existing
 --out file or record is replaced only with --force):
