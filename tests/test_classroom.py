@@ -11,9 +11,7 @@ on every notebook in notebooks/ that has exercise cells. Kept fast for `make tes
     on every real notebook it only generates the assignment. Autograding the real notebooks
     (each executed twice) is the `full` test below (`make test-full`).
 """
-import copy
 import datetime
-import json
 import os
 import re
 import shutil

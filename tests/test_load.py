@@ -1,7 +1,6 @@
 """load_pipeline: both layouts give the same model, casting as read, no second copy, sources."""
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import sdlearn
 from checkpoints import diffusers_folder, original_file

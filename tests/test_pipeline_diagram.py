@@ -4,7 +4,6 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
-import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from checkpoints import original_file  # noqa: E402

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sdlearn
-from sdlearn import analyser, shapes
+from sdlearn import analyser
 from sdlearn.sources import TINY_PATH
 
 pytestmark = pytest.mark.skipif(not TINY_PATH.exists(), reason="the tiny model is not in this checkout")
