@@ -99,6 +99,8 @@ def export(run: str | Path, path: str | Path, *, dtype: torch.dtype | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     vae_step = load_checkpoint(run / "vae.pt")["step"]
     training = {"vae_steps": vae_step, "unet_steps": unet_ckpt["step"], "settings": unet_ckpt["settings"]}
+    if len(unet_ckpt.get("parts", [])) > 1:     # resumed with other settings: each part's, from its first step
+        training["unet_parts"] = unet_ckpt["parts"]
     defaults = EXPORT_DEFAULTS if defaults is None else defaults
     vocabulary = {"words": shapes.vocabulary(), "grammar": list(shapes.GRAMMAR)}
     save_original_checkpoint(path, models, config, dtype=dtype, extra_metadata={

@@ -168,7 +168,7 @@ def _fit(stage: str, model: nn.Module, loss_fn: Callable, s: Settings, dist: Dis
     trace = Path(os.environ[TRACE_ENV]) if os.environ.get(TRACE_ENV) else None
     opt = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.lr, betas=(0.9, 0.999))
     ema = EMA(model, s.ema_decay)
-    start = 0
+    start, run_parts = 0, [{"from_step": 0, "settings": dataclasses.asdict(s)}]
     if resume:
         ckpt = load_checkpoint(path)
         model.load_state_dict(ckpt["model"])
@@ -176,6 +176,13 @@ def _fit(stage: str, model: nn.Module, loss_fn: Callable, s: Settings, dist: Dis
         ema.weights = {k: v.float() for k, v in ckpt["ema"].items()}
         start = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["torch"])
+        # each resumed part with other settings than --steps keeps its own (a checkpoint from before
+        # parts were kept: one part), so that the exported file says which settings made which steps
+        run_parts = ckpt.get("parts", [{"from_step": 0, "settings": ckpt["settings"]}])
+        if {**dataclasses.asdict(s), "steps": None} != {**run_parts[-1]["settings"], "steps": None}:
+            run_parts = run_parts + [{"from_step": start, "settings": dataclasses.asdict(s)}]
+        else:
+            run_parts[-1]["settings"] = dataclasses.asdict(s)
     net = model
     if dist.world > 1:
         ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -185,7 +192,7 @@ def _fit(stage: str, model: nn.Module, loss_fn: Callable, s: Settings, dist: Dis
         if dist.main:
             save_checkpoint(path, {"stage": stage, "step": step, "model": model.state_dict(), "ema": ema.weights,
                                    "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()},
-                                   "settings": dataclasses.asdict(s), "config": config.to_dict()})
+                                   "settings": dataclasses.asdict(s), "parts": run_parts, "config": config.to_dict()})
         dist.barrier()
 
     # In a terminal the bar redraws ten times a second; into a file or a notebook, once every

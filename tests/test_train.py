@@ -125,3 +125,18 @@ def test_the_unet_stage_ends_with_an_evaluation_of_the_grammar_prompts(run):
 def test_cli_exports(run, tmp_path):   # (the stages' CLI runs in test_train_ddp.py)
     assert train.main(["export", str(run), str(tmp_path / "m.safetensors"), "--dtype=float16"]) == 0
     assert {t.dtype for t in read_safetensors_header(tmp_path / "m.safetensors").tensors.values()} == {"F16"}
+
+
+def test_a_run_resumed_with_other_settings_keeps_each_parts_settings_and_exports_them(run, tmp_path):
+    """The shipped model's last 2,000 steps used --caption-noise 0.3: the checkpoint (and the exported
+    file's metadata) say which settings each part of the run used, from which step."""
+    folder = _copy_vae_stage(run, tmp_path / "parts")
+    train.train_unet(folder, steps=2, data_cache=None, **UNET)
+    train.train_unet(folder, steps=3, resume=True, data_cache=None)          # same settings: still one part
+    assert len(train.load_checkpoint(folder / "unet.pt")["parts"]) == 1
+    train.train_unet(folder, steps=4, resume=True, data_cache=None, caption_noise=0.3)
+    parts = train.load_checkpoint(folder / "unet.pt")["parts"]
+    assert [p["from_step"] for p in parts] == [0, 3]
+    assert parts[0]["settings"]["caption_noise"] == 0.0 and parts[1]["settings"]["caption_noise"] == 0.3
+    meta = json.loads(SafetensorsFile(export.export(folder, tmp_path / "parts.safetensors")).metadata["sdlearn_training"])
+    assert meta["unet_steps"] == 4 and meta["unet_parts"] == parts
