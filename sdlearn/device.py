@@ -96,6 +96,12 @@ def auto_dtype(device: str | torch.device | None = None,
     return torch.float32
 
 
+def cpu_generator(seed: int) -> torch.Generator:
+    """The generator sdlearn draws starting noise from: a CPU one, as diffusers' pipelines use, so
+    a seed gives the same noise (and picture) on every device."""
+    return torch.Generator("cpu").manual_seed(seed)
+
+
 def randn(shape, generator: torch.Generator | None = None, *, dtype: torch.dtype = torch.float32,
           device: str | torch.device = "cpu") -> torch.Tensor:
     """N(0, I) noise of `shape`, drawn on the generator's device and then moved to `device`, as
@@ -191,7 +197,7 @@ def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    return torch.Generator("cpu").manual_seed(seed)
+    return cpu_generator(seed)
 
 
 def describe() -> dict:

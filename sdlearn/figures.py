@@ -18,6 +18,7 @@ from pathlib import Path
 import matplotlib
 import torch
 
+from .configs import ModelConfig
 from .pipeline import load_pipeline
 from .samplers import get_sampler
 from .schedule import NoiseSchedule
@@ -83,10 +84,8 @@ def pipeline_diagram(tiny=None, *, steps: int = 50):
     """prompt → tokenizer → text encoder → UNet loop with the sampler → VAE decoder → picture, with
     the SD v1.5 shapes on each arrow and, in brackets, those of `tiny` (a ModelConfig; default
     ModelConfig.tiny(), the model that ships with the package). Returns the Figure."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # as in viz.py: importing pyplot picks a backend, so not at import time
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
-
-    from .configs import ModelConfig
 
     big, small = pipeline_shapes(ModelConfig.sd15()), pipeline_shapes(tiny or ModelConfig.tiny())
 

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .device import randn
+from .device import cpu_generator, randn
 
 DOT_THRESHOLD = 0.9995
 
@@ -85,4 +85,4 @@ def norm_ratio(x: torch.Tensor) -> float:
 
 def seed_noise(seed: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The unit starting noise `generate(seed=seed)` draws for `shape` (CPU generator, as diffusers)."""
-    return randn(shape, torch.Generator("cpu").manual_seed(seed), dtype=dtype)
+    return randn(shape, cpu_generator(seed), dtype=dtype)

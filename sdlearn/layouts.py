@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from safetensors.torch import save_file
 
 from .configs import ConfigError, ModelConfig, UNetConfig, VAEConfig
 from .safetensors_file import CheckpointError
@@ -171,8 +172,6 @@ def save_original_checkpoint(path: str | os.PathLike, models: dict[str, torch.nn
     the sdlearn config in its metadata (unless store_config=False: then, like a real SD v1.x
     file, it is recognised as SD v1.5 by its shapes). Refuses to overwrite an existing file and
     writes through a temporary file, so an interrupted save leaves nothing half-written."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists; remove it first or choose another name")

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from . import fast_cpu, lora, textual_inversion
 from .attention_maps import CrossAttentionMaps, word_maps
 from .configs import ModelConfig
-from .device import auto_dtype, choose_threads, default_dtype, randn, resolve_device, using_threads
+from .device import auto_dtype, choose_threads, cpu_generator, default_dtype, randn, resolve_device, using_threads
 from .images import to_pil
 from .preview import LatentPreview, fitting_images
 from .prompt_syntax import check_syntax
@@ -323,7 +323,7 @@ class Pipeline:
                                callback=callback, image=image, strength=strength, mask=mask,
                                num_images=num_images, karras=karras, steps_offset=steps_offset,
                                prompt_syntax=prompt_syntax)
-            generator = torch.Generator("cpu").manual_seed(req.seed)
+            generator = cpu_generator(req.seed)
             sched = get_sampler(req.sampler, self.schedule, **req.sampler_options)
             if prompt_embeds is None:
                 context = self.encode_prompts(req.prompts, req.negatives if req.guided else None, prompt_syntax)

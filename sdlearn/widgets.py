@@ -27,6 +27,7 @@ mean of the per-layer maps.
 from __future__ import annotations
 
 import functools
+import inspect
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -54,7 +55,7 @@ def ipywidgets_or_none():
 def _static(fig):
     """Hand a figure to the notebook exactly once: out of pyplot's list (which the inline backend
     would show again at the end of the cell), returned for the cell to display."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # as in viz.py: importing pyplot picks a backend
     if fig is not None:
         plt.close(fig)
     return fig
@@ -69,7 +70,6 @@ def interact(fn, **controls):
     middle or the list's first item). Returns what the cell shows as its last expression: the
     `ipywidgets.interactive` box (controls and output), or without ipywidgets the static figure.
     """
-    import inspect
     defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     start = {}
@@ -136,8 +136,12 @@ def cross_attention_tags(unet: torch.nn.Module) -> list[str]:
 
 
 def _latent_size(pipe, kwargs: dict) -> tuple[int, int]:
-    """The latent (h, w) a generate call with these arguments works at (request.output_size ÷ 8)."""
-    height, width = output_size(pipe, kwargs.get("height"), kwargs.get("width"), read_picture(kwargs.get("image")),
+    """The latent (h, w) a generate call with these arguments works at (request.output_size ÷ 8).
+    An image given as a path is decoded here and handed on in `kwargs`, so `generate` does not
+    decode it a second time."""
+    if kwargs.get("image") is not None:
+        kwargs["image"] = read_picture(kwargs["image"])
+    height, width = output_size(pipe, kwargs.get("height"), kwargs.get("width"), kwargs.get("image"),
                                 kwargs.get("latents"))
     return height // pipe.latent_factor, width // pipe.latent_factor
 
@@ -306,7 +310,7 @@ class GuidanceExplorer:
             print(NO_WIDGETS.replace("the settings below", f"guidance {guidance:g}, {steps} steps, seed {seed}"
                                      + (f", word '{word}'" if word is not None else "")))
             return _static(self.figure(prompt, guidance=guidance, steps=steps, seed=seed, word=word))
-        from IPython.display import display
+        from IPython.display import display   # IPython comes with ipywidgets, optional like it
         controls = {
             "prompt": W.Text(value=prompt, description="prompt", continuous_update=False,
                              layout=W.Layout(width="32em")),
