@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 
@@ -34,7 +35,10 @@ def test_a_learners_pieces_pass():
     def head(q, k, v):
         s = (q @ k.T / math.sqrt(q.shape[-1])).masked_fill(~mask(q.shape[0]), -math.inf)
         return s.softmax(-1) @ v
-    mine = {"bpe": my_bpe, "causal_mask": mask, "attention_head": head,
+    def pad_ids(token_ids, length=77):
+        row = [49406] + token_ids[:length - 2] + [49407]
+        return row + [49407] * (length - len(row))
+    mine = {"bpe": my_bpe, "pad_ids": pad_ids, "causal_mask": mask, "attention_head": head,
             "quick_gelu": lambda x: x / (1 + torch.exp(-1.702 * x))}
     for name, fn in mine.items():
         report = exercises.run_check(name, fn)
@@ -68,3 +72,27 @@ def test_attention_head_reference_lets_the_first_token_see_only_itself():
     q, k, v = torch.randn(3, 6, 4).unbind(0)
     out = EXERCISES["attention_head"].reference(q, k, v)
     assert out.shape == (6, 4) and torch.allclose(out[0], v[0], atol=1e-6)
+
+
+def test_pad_ids_reference_is_the_tokenizers_own_row():
+    """On real prompts (empty, short, exactly 75 ids, one too many, far too many) the reference,
+    given the prompt's ids without start and end, makes the row the tokenizer makes."""
+    tok = default_tokenizer()
+    pad = EXERCISES["pad_ids"].reference
+    prompts = ["", "a red circle", "a b " * 37 + "c", "a b " * 38, ", ".join(["a large red circle"] * 30)]
+    for prompt in prompts:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            row = tok(prompt)[0].tolist()
+        ids = tok.encode(prompt)[1:-1]
+        assert pad(ids) == row and len(row) == 77, prompt
+    assert [len(tok.encode(p)) - 2 for p in prompts[2:4]] == [75, 76]
+
+
+def test_only_a_prompt_too_long_tells_where_the_cut_is_made():
+    """Cutting the finished row instead of the ids, or keeping one id too many, gives the right row
+    for every prompt that fits: only the cases with 76 ids or more catch them."""
+    ex = EXERCISES["pad_ids"]
+    for mistake in ex.mistakes[1:3]:
+        wrong = [c.label for c in ex.cases() if mistake.wrong(*c.args) != ex.reference(*c.args)]
+        assert wrong and all("76" in w or "100" in w or "10 random ids, length 8" in w for w in wrong), wrong

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from .. import layouts, safetensors_file
 from ..configs import UNetConfig, VAEConfig
@@ -31,8 +32,6 @@ def _package_location(path, name):
 @functools.lru_cache(maxsize=1)
 def _sample_files() -> dict[str, Path]:
     """Small safetensors files written once per process (fixed contents, fixed seed)."""
-    from safetensors.torch import save_file
-
     folder = Path(tempfile.mkdtemp(prefix="sdlearn-exercise-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     g = torch.Generator().manual_seed(0)
@@ -150,10 +149,11 @@ register(Exercise(
                       _elements_not_bytes),
               Mistake("bfloat16 ('BF16') takes 2 bytes per element, like float16: it keeps float32's "
                       "exponent but only 7 mantissa bits.", _bf16_as_four),
-              Mistake("not every tensor is float32: the dtype decides the bytes per element (F16 and BF16: "
-                      "2, F32: 4, I64: 8, U8: 1).", _always_four),
+              Mistake("not every tensor is float32: the dtype decides the bytes "
+                      "per element (section 3's table; F16 takes 2).", _always_four),
               Mistake("that counts bits; a byte is 8 bits.", _bits_not_bytes)],
-    hint="bytes = (product of the shape, 1 for shape []) × bytes per element of the dtype."))
+    hint="two numbers decide the size: how many elements the shape holds (how many does a scalar, "
+         "shape [], hold?) and how many bytes one element of the dtype takes (section 3)."))
 
 
 # ---------------------------------------------------------------------------- sdlearn_key
@@ -223,11 +223,11 @@ register(Exercise(
               Mistake("after renaming the block, the rest of the key may need renaming too: apply the first "
                       "inner pair (sdlearn name, original name) whose original name starts the rest "
                       "(in_layers.2 → conv1).", _no_inner_renames),
-              Mistake("a block prefix matches only up to a dot: 'blocks.1' is not the start of block "
-                      "'blocks.12'. Match key == block or key.startswith(block + '.'), and take the longest "
-                      "matching block.", _first_prefix_without_dot)],
-    hint="find the rule whose original block (second entry) starts the key at a dot, put the rule's sdlearn "
-         "block in its place, rename the start of the rest with the inner pairs; no rule: return None."))
+              Mistake("a block prefix matches only up to a dot: 'blocks.1' is not the start of "
+                      "'blocks.12.in.weight'. When several blocks match, which one should win?",
+                      _first_prefix_without_dot)],
+    hint="try it by hand on 'input_blocks.1.0.in_layers.2.weight' with section 4's rules: which rule's original "
+         "block starts the key, what takes that block's place, and which inner pair renames the rest?"))
 
 
 # ------------------------------------------------------------------ parameters from the header
@@ -275,8 +275,9 @@ register(Exercise(
                       "its shape.", _count_tensors),
               Mistake("that counts bytes (the data_offsets span); parameters are elements: the product of "
                       "the shape, whatever the dtype.", _count_bytes),
-              Mistake("a tensor's element count is the product of its dimensions, not their sum "
-                      "(math.prod(shape)).", _count_summed_dims),
-              Mistake("a scalar (shape []) holds one number: math.prod([]) is 1.", _count_scalars_as_zero)],
-    hint="skip the '__metadata__' entry, keep the keys that start with the prefix, and add up "
-         "math.prod(entry['shape']) over them."))
+              Mistake("a tensor's element count is the product of "
+                      "its dimensions, not their sum.", _count_summed_dims),
+              Mistake("a scalar (shape []) holds one number, not zero: "
+                      "what does a product of no factors give?", _count_scalars_as_zero)],
+    hint="which entries of the header are tensors, which of them start with the prefix, "
+         "and how many numbers does a tensor of shape (320, 4, 3, 3) hold?"))

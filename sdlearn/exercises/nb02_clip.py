@@ -1,8 +1,9 @@
-"""Notebook 02 (CLIP): the BPE merge loop for one word, the causal mask, one causal attention
-head, quick_gelu."""
+"""Notebook 02 (CLIP): the BPE merge loop for one word, a prompt's ids padded to 77, the causal
+mask, one causal attention head, quick_gelu."""
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from .. import attention as attention_module
 from .. import clip
 from .. import tokenizer as tokenization
-from .core import Case, Exercise, Mistake, register
+from .core import Case, Exercise, Mistake, difference, register
 
 # ------------------------------------------------------------------------------------ bpe
 # (word, ranks) → the word's final BPE symbols. ASCII words: each letter is its own byte symbol.
@@ -91,8 +92,85 @@ register(Exercise(
                       "the ranks know 'h</w>', not 'h'.", _no_word_end),
               Mistake("'</w>' is not a symbol of its own: append it to the last letter (\"d</w>\").",
                       _word_end_apart)],
-    hint="start from the letters with '</w>' glued to the last; repeat: among adjacent pairs that have a rank "
-         "take the lowest, merge every occurrence of it left to right; stop when no pair has a rank."))
+    hint="follow the word 'abcd' with the made-up ranks by hand: after each merge, which adjacent "
+         "pairs have a rank, which one did you merge, and did you stop too early or too late?"))
+
+
+# -------------------------------------------------------------------------------- pad_ids
+# (a prompt's ids without start and end, length) → the row of `length` ids the tokenizer makes.
+
+START, END = 49406, 49407                   # SD v1's start and end tokens; the end token also pads
+
+
+class _IdsAsText(tokenization.CLIPTokenizer):
+    """The package's tokenizer on a "prompt" whose pieces are the given ids ("320 736 7117"), so
+    that its own encode, _truncate and __call__ (start, end, the cut, the padding) make the row."""
+
+    def __init__(self, length: int):        # no vocabulary needed: every piece is its own id
+        real = tokenization.default_tokenizer()
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = real.bos_token_id, real.eos_token_id, real.pad_token_id
+        self.model_max_length = length
+        self._cache = {}
+
+    def pieces(self, text):
+        return text.split()
+
+    def _piece_ids(self, piece):
+        return (int(piece),)
+
+
+def _package_pad(token_ids, length=77):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # a cut prompt's warning names the dropped "words": the ids
+        return _IdsAsText(length)(" ".join(map(str, token_ids)))[0].tolist()
+
+
+def _pad_cases() -> list[Case]:
+    red = tokenization.default_tokenizer().encode("a red circle")[1:-1]
+    g = torch.Generator().manual_seed(4)
+
+    def ids(n):
+        return torch.randint(0, START, (n,), generator=g).tolist()
+    return [Case(f"the ids of 'a red circle', {red}, length 77", (red, 77)),
+            Case("20 random ids, length 77", (ids(20), 77)),
+            Case("no ids (the empty prompt), length 77", ([], 77)),
+            Case("75 random ids (exactly what fits), length 77", (ids(75), 77)),
+            Case("76 random ids (one too many), length 77", (ids(76), 77)),
+            Case("100 random ids, length 77", (ids(100), 77)),
+            Case("10 random ids, length 8", (ids(10), 8))]
+
+
+def _same_row(got, expected) -> str | None:
+    """A row is a list of ints; a 1-D integer tensor (or a tuple) is compared as its list."""
+    if isinstance(got, torch.Tensor) and got.dim() == 1 and not got.dtype.is_floating_point:
+        got = got.tolist()
+    return difference(got, expected, 0, 0)
+
+
+def _row(ids, length, *, keep, start=True, pad=END):
+    row = ([START] if start else []) + list(ids)[:keep] + [END]
+    return row + [pad] * (length - len(row))
+
+
+def _cut_the_finished_row(ids, length):     # the end token appended, then everything cut to length
+    return ([START] + list(ids) + [END] + [END] * length)[:length]
+
+
+register(Exercise(
+    name="pad_ids", notebook="02_clip",
+    reference=_package_pad,
+    cases=_pad_cases,
+    compare=_same_row,
+    mistakes=[Mistake("padding should be 49407: SD v1's tokenizer pads with the end token, not with 0 "
+                      "(section 6).", lambda ids, n: _row(ids, n, keep=n - 2, pad=0)),
+              Mistake("a prompt that is too long lost its end token: cut the ids, not the finished row, so "
+                      "that the end token always fits.", _cut_the_finished_row),
+              Mistake("with a long prompt your row is one id too long: the start and the end token both "
+                      "need a place among the `length`.", lambda ids, n: _row(ids, n, keep=n - 1)),
+              Mistake("the row starts with the start token 49406 (section 5).",
+                      lambda ids, n: _row(ids, n, keep=n - 1, start=False))],
+    hint="compare your row with section 6's: what comes first, what follows the last id, what fills the "
+         "rest, and how many ids fit when the prompt is too long?"))
 
 
 # ---------------------------------------------------------------------------- causal_mask
@@ -114,14 +192,16 @@ register(Exercise(
     cases=_mask_cases,
     mistakes=[Mistake("a token also attends to itself: the diagonal (j = i) is allowed, so keep it True.",
                       lambda n: torch.ones(n, n, dtype=torch.bool).tril(-1)),
-              Mistake("rows are queries and columns keys: row i may look at columns j ≤ i (the past), "
-                      "not j ≥ i (the future).", lambda n: torch.ones(n, n, dtype=torch.bool).triu()),
+              Mistake("rows are queries and columns keys: your mask lets each token see the tokens after it "
+                      "(the future) instead of those before it.",
+                      lambda n: torch.ones(n, n, dtype=torch.bool).triu()),
               Mistake("the mask says where attention is ALLOWED (True), as the package's masked_fill(~mask, −∞) "
                       "reads it; yours is True where it is blocked.",
                       lambda n: torch.ones(n, n, dtype=torch.bool).triu(1)),
-              Mistake("return booleans (dtype torch.bool): True where row i may attend to column j.",
+              Mistake("the mask should hold booleans (dtype torch.bool), True where "
+                      "row i may attend to column j; yours holds numbers.",
                       lambda n: torch.ones(n, n).tril())],
-    hint="entry [i, j] is True exactly when j ≤ i (torch.tril keeps the diagonal and below)."))
+    hint="row i is query i and column j key j: which keys may token i see, and does that include itself?"))
 
 
 # ---------------------------------------------------------------------- attention_head
@@ -161,7 +241,8 @@ register(Exercise(
                       lambda q, k, v: _scores_to_out(q, k, v, q @ k.T / math.sqrt(q.shape[-1]), mask_value=0.0)),
               Mistake("the softmax runs over the keys (the last dimension), so each query's weights sum to 1.",
                       lambda q, k, v: _scores_to_out(q, k, v, q @ k.T / math.sqrt(q.shape[-1]), dim=0))],
-    hint="scores = q kᵀ / √d, (N, N); −∞ above the diagonal; softmax over each row; times v.",
+    hint="follow the shapes: the scores are (N, N), queries × keys, scaled as in section 9; which "
+         "of them must not count, and along which axis does each query's softmax run?",
     atol=1e-5, rtol=1e-4))
 
 
@@ -178,12 +259,15 @@ register(Exercise(
     name="quick_gelu", notebook="02_clip",
     reference=lambda x: clip.quick_gelu(x),
     cases=_gelu_cases,
-    mistakes=[Mistake("that is the exact GELU x·Φ(x); CLIP was trained with quick_gelu, x·σ(1.702·x).",
+    mistakes=[Mistake("that is the exact GELU x·Φ(x); CLIP was trained with "
+                      "quick_gelu, section 8's sigmoid approximation.",
                       lambda x: F.gelu(x)),
-              Mistake("that is GELU's tanh approximation; CLIP's activation is quick_gelu, x·σ(1.702·x).",
+              Mistake("that is GELU's tanh approximation; CLIP's activation is "
+                      "quick_gelu, which uses a sigmoid (section 8).",
                       lambda x: F.gelu(x, approximate="tanh")),
-              Mistake("the factor x in front is missing: σ(1.702·x) alone is a smooth step from 0 to 1.",
+              Mistake("your curve is a smooth step from 0 to 1; quick_gelu grows "
+                      "like x for large x: the factor in front is missing.",
                       lambda x: torch.sigmoid(1.702 * x)),
-              Mistake("that is SiLU, x·σ(x): the sigmoid's argument is 1.702·x.",
+              Mistake("that is SiLU, x·σ(x): look at what section 8 puts inside the sigmoid.",
                       lambda x: x * torch.sigmoid(x))],
-    hint="quick_gelu(x) = x · sigmoid(1.702 · x), element by element."))
+    hint="look at section 8's formula again: what goes inside the sigmoid, and what multiplies it?"))

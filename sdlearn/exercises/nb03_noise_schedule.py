@@ -53,7 +53,8 @@ register(Exercise(
                       "comes last.", _linspace_squared),
               Mistake("the last β should be exactly beta_end: T values from beta_start to beta_end, both ends "
                       "included.", _endpoint_left_out)],
-    hint="β_0 should be beta_start and β_{T−1} beta_end; in between, √β rises in equal steps.",
+    hint="print your first and last β next to beta_start and beta_end, then the "
+         "gaps between neighbouring √β: should they all be equal?",
     atol=1e-9, rtol=1e-5))
 
 
@@ -84,13 +85,16 @@ register(Exercise(
     name="alphas_cumprod", notebook=NOTEBOOK, capstone=True,
     reference=lambda betas: NoiseSchedule(betas).alphas_cumprod,
     cases=_abar_cases,
-    mistakes=[Mistake("ᾱ is one step behind: ᾱ_t includes α_t itself, so ᾱ_0 = 1 − β_0, not 1.", _abar_shifted),
-              Mistake("the product is over α_s = 1 − β_s, not over β_s.", _cumprod_of_betas),
-              Mistake("ᾱ_t = (1 − β_0)(1 − β_1)⋯(1 − β_t): subtract each β from 1 first, then multiply.",
+    mistakes=[Mistake("ᾱ is one step behind: ᾱ_t includes α_t itself, so ᾱ_0 "
+                      "is not 1 but already one step of noise.", _abar_shifted),
+              Mistake("the product is over the α_s of section 1, not over the β_s.", _cumprod_of_betas),
+              Mistake("you subtracted from 1 after multiplying; each factor of the product "
+                      "is an α_s (section 1), so the subtraction comes first.",
                       _one_minus_cumprod),
-              Mistake("ᾱ has one value per timestep, the running product up to t (torch.cumprod), "
-                      "not the product of all of them.", _whole_product)],
-    hint="ᾱ_t is the running product of α_s = 1 − β_s for s = 0 … t; it starts just below 1 and falls.",
+              Mistake("ᾱ has one value per timestep, shape (T,): the product up "
+                      "to each t, not one product of all of them.", _whole_product)],
+    hint="work out ᾱ_0 and ᾱ_1 by hand from the first two β with section 1's "
+         "definition, and compare them with your first two values.",
     atol=1e-7, rtol=1e-5))
 
 
@@ -142,15 +146,15 @@ register(Exercise(
     name="q_sample", notebook=NOTEBOOK,
     reference=_q_sample_reference,
     cases=_q_sample_cases,
-    mistakes=[Mistake("the coefficients are square roots: √ᾱ_t on x0 and √(1 − ᾱ_t) on the noise, so that the "
-                      "variance stays 1.", _q_no_roots),
-              Mistake("index ᾱ with t itself: the code counts timesteps from 0, so alphas_cumprod[t] is ᾱ_t "
+    mistakes=[Mistake("both coefficients are square roots of what you "
+                      "used, so that the variance stays 1.", _q_no_roots),
+              Mistake("index ᾱ with t itself: the code counts timesteps from 0 "
                       "(t − 1 wraps round to the last ᾱ at t = 0).", _q_previous_abar),
               Mistake("x0 and the noise have swapped coefficients: the image keeps √ᾱ_t, which is near 1 at "
                       "small t.", _q_swapped),
-              Mistake("the noise's coefficient is √(1 − ᾱ_t); you left out its square root.", _q_noise_root_missing)],
-    hint="pick ᾱ_t for each sample (alphas_cumprod[t]), reshape it to (B, 1, 1, …) so it broadcasts over x0, "
-         "then x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·noise.",
+              Mistake("the noise's coefficient needs a square root too, like x0's.", _q_noise_root_missing)],
+    hint="pick ᾱ_t for each sample and reshape it to (B, 1, 1, …) so that it broadcasts over "
+         "x0; then compare your line with section 1's formula for x_t, term by term.",
     atol=1e-5, rtol=1e-4))
 
 
@@ -217,16 +221,18 @@ register(Exercise(
     name="ddpm_posterior", notebook=NOTEBOOK,
     reference=_posterior_reference,
     cases=_posterior_cases,
-    mistakes=[Mistake("at t = 0 there is no earlier step: use ᾱ_{−1} = 1 (alphas_cumprod[t − 1] wraps round to "
-                      "the last ᾱ), so that the variance is 0 and the mean is x0.", _post_wraps),
-              Mistake("that variance is β_t; the posterior's is β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t.",
+    mistakes=[Mistake("at t = 0 there is no earlier step, so ᾱ_{−1} is 1 (indexing with t − 1 "
+                      "wraps round to the last ᾱ): the variance must be 0 and the mean x0.", _post_wraps),
+              Mistake("that variance is β_t, DDPM's other choice; the "
+                      "posterior's variance β̃_t of section 5 is smaller.",
                       _post_beta_variance),
-              Mistake("the coefficient of x_t has √α_t = √(1 − β_t), one step's α, not √ᾱ_t.", _post_abar_on_xt),
-              Mistake("the mean's coefficients have square roots: √ᾱ_{t−1} on x0 and √α_t on x_t.", _post_no_roots),
-              Mistake("√ᾱ_{t−1} goes with x0 (it has β_t beside it) and √α_t with x_t (beside 1 − ᾱ_{t−1}).",
+              Mistake("the coefficient of x_t uses one step's α_t, not the running product ᾱ_t.", _post_abar_on_xt),
+              Mistake("the mean's coefficients have square roots in "
+                      "section 5's formula; yours have none.", _post_no_roots),
+              Mistake("the two square roots are swapped between x0 and x_t: which one sits beside β_t in section 5?",
                       _post_swapped_roots)],
-    hint="mean = √ᾱ_{t−1}·β_t/(1 − ᾱ_t)·x0 + √α_t·(1 − ᾱ_{t−1})/(1 − ᾱ_t)·x_t, with α_t = 1 − β_t and "
-         "ᾱ_{−1} = 1; return (mean, variance) with the variance a 0-d tensor.",
+    hint="compare each factor with section 5's formulas: which ᾱ sits beside x0, which α beside "
+         "x_t, and what is ᾱ_{t−1} at t = 0? Return the mean and the variance as a pair.",
     atol=1e-5, rtol=1e-4))
 
 
@@ -278,13 +284,14 @@ register(Exercise(
     name="ddim_step", notebook=NOTEBOOK, capstone=True,
     reference=_ddim_reference,
     cases=_ddim_cases,
-    mistakes=[Mistake("that is x̂₀, the clean estimate; the step must noise it again to the next level, "
-                      "with √ᾱ_prev on x̂₀ and √(1 − ᾱ_prev) on ε.", _ddim_returns_x0),
-              Mistake("every ᾱ enters through a square root: √ᾱ_t and √(1 − ᾱ_t) in x̂₀, √ᾱ_prev and "
-                      "√(1 − ᾱ_prev) in the step.", _ddim_no_roots),
+    mistakes=[Mistake("that is x̂₀, the clean estimate; the step must then noise it "
+                      "again, with the same ε, to the earlier level ᾱ_prev.", _ddim_returns_x0),
+              Mistake("every ᾱ enters through a square root, in x̂₀ and "
+                      "in the step alike (as in q_sample).", _ddim_no_roots),
               Mistake("ᾱ_t and ᾱ_prev are exchanged: x̂₀ comes from x at level ᾱ_t, then moves to ᾱ_prev "
                       "(the larger one, less noise).", _ddim_swapped),
-              Mistake("the noise term belongs to the new level: √(1 − ᾱ_prev)·ε, not √(1 − ᾱ_t)·ε.",
+              Mistake("the noise term belongs to the new level: which ᾱ belongs to the previous step?",
                       _ddim_old_noise_level)],
-    hint="two lines: x̂₀ = (x − √(1 − ᾱ_t)·ε)/√ᾱ_t, then x_prev = √ᾱ_prev·x̂₀ + √(1 − ᾱ_prev)·ε.",
+    hint="two steps: first x̂₀ as in section 5 (x is at level ᾱ_t), then section 7's "
+         "DDIM line with the same ε: which ᾱ belongs to the earlier step?",
     atol=1e-5, rtol=1e-4))

@@ -51,11 +51,12 @@ register(Exercise(
     reference=lambda t, dim: unet.timestep_embedding(t, dim),
     cases=_embedding_cases,
     mistakes=[Mistake("your embedding starts with sin; SD puts the cos half first, then the sin half.", _sin_first),
-              Mistake("the frequencies divide by dim/2, not dim/2 − 1: ω_i = 10000^(−i / (dim/2)).", _shifted_frequencies),
-              Mistake("cos and sin are interleaved (cos, sin, cos, sin, …); SD puts all the cos values first, "
-                      "then all the sin values (torch.cat, not torch.stack).", _interleaved),
-              Mistake("the frequencies should fall from 1 to about 1/10000: ω_i = exp(−ln(10000)·i/(dim/2)). "
-                      "Check the sign of the exponent.", _rising_frequencies)],
+              Mistake("the exponent divides by dim/2, not dim/2 − 1 (that is "
+                      "diffusers' shifted variant, which SD does not use).", _shifted_frequencies),
+              Mistake("cos and sin are interleaved (cos, sin, cos, sin, …); SD puts all the cos "
+                      "values first, then all the sin values, as two halves side by side.", _interleaved),
+              Mistake("your frequencies rise; they should fall from 1 towards "
+                      "1/10000. Check the sign of the exponent.", _rising_frequencies)],
     hint="compare your first row (t = 0) with what cos and sin give at 0: the first half should be ones.",
     atol=1e-4, rtol=1e-4))
 
@@ -127,17 +128,17 @@ register(Exercise(
     name="resblock", notebook="04_unet", capstone=True,
     reference=lambda block, x, t_emb: unet.ResBlock.forward(block, x, t_emb),
     cases=_resblock_cases,
-    mistakes=[Mistake("the timestep is missing: after conv1, add time_emb_proj(SiLU(t_emb)), one number per "
-                      "channel.", _res_no_time),
+    mistakes=[Mistake("the timestep is missing: after conv1 the projected "
+                      "time embedding joins, one number per channel.", _res_no_time),
               Mistake("each GroupNorm is followed by a SiLU before its conv: GroupNorm → SiLU → conv, twice.",
                       _res_no_silu),
               Mistake("the time embedding goes through a SiLU before time_emb_proj.", _res_time_without_silu),
               Mistake("the time term has shape (B, C); reshape it to (B, C, 1, 1) before adding, or it lines up "
                       "with the last two axes (H, W) instead of (B, C).", _res_time_not_broadcast),
-              Mistake("the block's input must be added back at the end (through conv_shortcut when it is not "
-                      "None): out = shortcut(x) + h.", _res_no_residual)],
-    hint="h = conv1(SiLU(norm1(x))) + time_emb_proj(SiLU(t_emb))[:, :, None, None]; "
-         "h = conv2(SiLU(norm2(h))); return shortcut(x) + h.",
+              Mistake("the block's input must be added back at the end "
+                      "(through conv_shortcut when it is not None).", _res_no_residual)],
+    hint="follow section 4's formula in order: each half is GroupNorm → SiLU → conv; where does "
+         "the time term join, with what shape, and what is added back at the end?",
     atol=1e-5, rtol=1e-4))
 
 
@@ -194,18 +195,18 @@ register(Exercise(
     name="attention", notebook="04_unet", capstone=True,
     reference=lambda q, k, v, heads: attention.attention(q, k, v, heads),
     cases=_attention_cases,
-    mistakes=[Mistake("did you divide by √d? The scores are Q Kᵀ / √d, with d = C / heads the width of one head.",
+    mistakes=[Mistake("did you divide the scores by √d, with d the width of one head?",
                       _att_no_scale),
-              Mistake("this is one head over all C channels; split C into `heads` heads of d = C / heads, attend "
-                      "in each, and put the heads side by side again.", _att_one_head),
+              Mistake("this is one head over all C channels; split C into `heads` heads of "
+                      "width d, attend in each, and put the heads side by side again.", _att_one_head),
               Mistake("softmax over the keys (the last axis of Q Kᵀ): each query's weights over the keys sum "
                       "to 1.", _att_wrong_axis),
               Mistake("the scale is 1/√d with d the width of one head (C / heads), not 1/√C.", _att_scaled_by_width),
               Mistake("split the heads off the channel axis: reshape to (B, N, heads, d), then transpose to "
                       "(B, heads, N, d); a direct reshape to (B, heads, N, d) mixes tokens and channels.",
                       _att_split_without_transpose)],
-    hint="per head: softmax(Q Kᵀ / √d) V over the keys, heads split from C as (B, N, heads, d) → "
-         "(B, heads, N, d), and joined back the same way.",
+    hint="check the shapes on the way: each head's q is (B, heads, N, d), its scores (B, heads, N, M), and "
+         "the answer goes back to (B, N, C); scale and normalise the scores as section 5 does.",
     atol=1e-5, rtol=1e-4))
 
 
@@ -266,7 +267,7 @@ register(Exercise(
                       lambda *a: _skips(*a, per_level=1)),
               Mistake("a downsampler keeps its level's channels; the next level's first ResBlock changes them.",
                       lambda *a: _skips(*a, next_channels=True)),
-              Mistake("a stride-2 conv with padding 1 rounds an odd side up: ⌈n/2⌉ = (n + 1) // 2, not n // 2.",
+              Mistake("a stride-2 conv with padding 1 rounds an odd side up (9 → 5), not down.",
                       lambda *a: _skips(*a, half=lambda n: n // 2))],
-    hint="conv_in's output, then at each level one skip per ResBlock (layers_per_block) and, except at the "
-         "last level, one after the downsampler, whose sides are ⌈n/2⌉."))
+    hint="walk down the U of section 3 and list every push in order: what is pushed before the "
+         "first level, what does each level push, and what does the last level not have?"))

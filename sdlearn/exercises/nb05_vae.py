@@ -53,16 +53,15 @@ register(Exercise(
         Mistake("you normalised over the whole sample, all channels at once (that is layer norm); split the "
                 "channels into num_groups groups and normalise each group separately.",
                 lambda x, n, w, b, e: _normalise(x, n, w, b, e, 1)),
-        Mistake("your variance divides by n − 1 (torch's default, unbiased); GroupNorm divides by n: "
-                "var(..., unbiased=False), or mean of the squared deviations.",
+        Mistake("your variance divides by n − 1 (torch's default, unbiased); GroupNorm's divides by n.",
                 lambda x, n, w, b, e: _normalise(x, n, w, b, e, n, unbiased=True)),
         Mistake("eps belongs inside the square root, √(var + eps); you added it to the standard deviation.",
                 lambda x, n, w, b, e: _normalise(x, n, w, b, e, n, eps_outside=True)),
         Mistake("the normalised values are right but the affine step is missing: multiply by weight and add "
                 "bias, one value per channel (not per group).",
                 lambda x, n, w, b, e: _normalise(x, n, w, b, e, n, affine=False))],
-    hint="reshape x to (B, num_groups, everything else), normalise each row with its own mean and "
-         "(biased) variance, reshape back, then scale and shift per channel.",
+    hint="take one sample and one group at a time: which values share a mean and a variance (section 7), does "
+         "your variance divide by n or n − 1, and is the scale applied per group or per channel?",
     atol=1e-4, rtol=1e-4))
 
 
@@ -89,15 +88,16 @@ register(Exercise(
     reference=_sample_reference,
     cases=_sample_cases,
     mistakes=[
-        Mistake("you multiplied the noise by exp(logvar), which is the variance σ²; the sample needs the "
-                "standard deviation σ = exp(½ · logvar).",
+        Mistake("you multiplied the noise by exp(logvar), which is the variance σ²; "
+                "the sample needs the standard deviation σ, its square root.",
                 lambda m, lv, n: m + torch.exp(lv) * n),
         Mistake("logvar is the logarithm of the variance, not the standard deviation: turn it into σ before "
                 "multiplying the noise.",
                 lambda m, lv, n: m + lv * n),
         Mistake("you returned the mean (the mode); a sample adds the noise, scaled by σ.",
                 lambda m, lv, n: m.clone())],
-    hint="z = μ + σ·ε, and σ comes from the log-variance.",
+    hint="section 5's reparameterisation: which quantity scales the "
+         "noise, and how do you get it from a log-variance?",
     atol=1e-5, rtol=1e-4))
 
 
@@ -137,12 +137,15 @@ register(Exercise(
         Mistake("you measured one std per channel; SD uses one number for all four channels: the std over "
                 "every element of the batch.",
                 lambda z: 1.0 / z.std(dim=(0, 2, 3))),
-        Mistake("you divided by the variance; the factor is 1 / standard deviation, so that z · s has variance 1.",
+        Mistake("you divided by the variance; z · s must have standard deviation "
+                "1, and the variance is the standard deviation squared.",
                 lambda z: 1.0 / z.var().item()),
-        Mistake("you returned the standard deviation itself; the factor is its reciprocal, 1 / std.",
+        Mistake("you returned the standard deviation itself; multiplying the latents "
+                "by it would spread them more, not bring their spread to 1.",
                 lambda z: z.std().item()),
         Mistake("you divided by the root mean square √mean(z²); the std subtracts the mean first, and these "
                 "latents do not have mean 0.",
                 lambda z: 1.0 / z.pow(2).mean().sqrt().item())],
-    hint="one number for the whole batch: 1 / (standard deviation of all its elements).",
+    hint="one number for the whole batch: by what must you multiply the latents so "
+         "that the standard deviation over all their elements becomes 1?",
     atol=1e-6, rtol=1e-4, compare=_one_number))

@@ -114,15 +114,15 @@ register(Exercise(
     name="sample_loop", notebook="06_sampling", capstone=True,
     reference=_generated,
     cases=_loop_cases,
-    mistakes=[Mistake("the model gets x itself; it must get sampler.scale_input(x, t). For Euler the sampler "
-                      "keeps x in another scale than the noisy latents the UNet was trained on.",
+    mistakes=[Mistake("the model gets x itself; it must get what scale_input makes of x. For Euler the "
+                      "sampler keeps x in another scale than the noisy latents the UNet was trained on.",
                       _no_scale_input),
               Mistake("the step gets the scaled input; scale_input's result is only for the model. "
                       "sampler.step wants the sampler's own x, the one the loop carries.", _steps_x_in),
               Mistake("the loop carries the step's x̂₀ (pred_original_sample) to the next step; the next x "
                       "is the step's prev_sample, the sample at the next noise level.", _x0_as_next)],
-    hint="one line per step: the model sees the scaled input, the step gets the model's ε, t and the "
-         "sampler's own x, and the loop keeps the step's prev_sample.",
+    hint="trace one step by hand: what does the model get, what does the sampler's "
+         "step get, and which field of the StepOutput becomes the next x?",
     atol=1e-4, rtol=1e-4))
 
 

@@ -122,8 +122,9 @@ register(Exercise(
               Mistake("a word of several BPE tokens gets the sum of its tokens' maps, not their mean "
                       "(each token took its own share of the attention).",
                       lambda p, t, s: _word_maps_with(p, t, s, pieces="mean"))],
-    hint="take one layer and one word first: row 1, the mean over heads, one column, folded into the "
-         "layer's grid; a token's maps over all 77 tokens should add up to 1 at every pixel.",
+    hint="take one layer and one word first: which row of the batch is the prompt's, "
+         "which axis holds the heads, and how does a column of Nq values become the "
+         "layer's grid? A pixel's maps over all 77 tokens should add up to 1.",
     atol=1e-5, rtol=1e-4))
 
 
@@ -151,8 +152,8 @@ register(Exercise(
               Mistake("the answer has one word index per pixel: take the largest over the words (the first "
                       "axis), not over a picture axis.",
                       lambda m: (m / m.amax(dim=(1, 2), keepdim=True)).argmax(dim=-1))],
-    hint="at each pixel, compare the words' scaled maps and keep the index of the largest; the answer is "
-         "an (H, W) tensor of integers.",
+    hint="check one pixel by hand against the panels above: which word wins there once every map "
+         "is scaled as they are drawn? The answer is an (H, W) tensor of word indices.",
     atol=0, rtol=0))
 
 
@@ -195,8 +196,10 @@ register(Exercise(
                       _box_area),
               Mistake("that is the map's mean value inside the box; the question is what fraction of the "
                       "map's total lies inside.", _mean_inside),
-              Mistake("that compares the peaks; add up the map inside the box and divide by the whole map's sum.",
+              Mistake("that compares the peaks; the question is about all of the "
+                      "map: how much of its total lies inside the box?",
                       _max_ratio),
-              Mistake("divide by the whole map's sum, not by the part outside the box.", _normalised_by_outside)],
-    hint="heat[region].sum() / heat.sum(): 1 when all of the map is inside, the box's area share when the "
-         "map is uniform."))
+              Mistake("inside over outside compares the two parts; the "
+                      "question is the inside's share of the whole map.", _normalised_by_outside)],
+    hint="what fraction of the map's total lies inside the box? Check the two cases: 1 when all of "
+         "the map is inside, the box's share of the picture when the map is uniform."))

@@ -37,9 +37,10 @@ register(Exercise(
         Mistake("you divided by the scaling factor; that is the way back, before decoding. The UNet is "
                 "trained on latents multiplied by it (unit variance).",
                 lambda m, s, n, f: (m + s * n) / f),
-        Mistake("the scaling factor is missing: the UNet learns on z · scaling_factor, not on the VAE's z.",
+        Mistake("the scaling factor is missing: the UNet learns on latents brought to "
+                "unit variance (notebook 05), not on the VAE's own scale.",
                 lambda m, s, n, f: m + s * n),
-        Mistake("you scaled only the mean; the whole sample μ + σ·ε is multiplied by the scaling factor.",
+        Mistake("you scaled only the mean; the scaling factor applies to the whole sample, noise included.",
                 lambda m, s, n, f: f * m + s * n)],
     hint="draw one sample of the VAE's posterior (as in notebook 05), then bring it to the UNet's scale.",
     atol=1e-5, rtol=1e-4))
@@ -119,11 +120,10 @@ register(Exercise(
         Mistake("the caption dropout is inverted: where `drop` is True the caption becomes the empty one, "
                 "elsewhere it stays.",
                 lambda *a: _wrong_loss(*a, invert=True)),
-        Mistake("z_t mixes √ᾱ_t · z₀ and √(1 − ᾱ_t) · ε: square roots on both weights, so that the variance "
-                "stays 1.",
+        Mistake("the noising weights are square roots (q_sample, notebook 03), so that the variance stays 1.",
                 lambda *a: _wrong_loss(*a, sqrt=False))],
-    hint="three lines: replace the dropped captions (torch.where on `drop`), noise the latents to step t, "
-         "and take the mean squared error between model(z_t, t, ids) and the noise.",
+    hint="three steps, each from the text above: which caption does each row get, how are the latents "
+         "noised to step t (q_sample, notebook 03), and what is the model's output compared with?",
     atol=1e-5, rtol=1e-4, compare=_compare_loss))
 
 
@@ -168,14 +168,13 @@ register(Exercise(
     reference=_ema_reference,
     cases=_ema_cases,
     mistakes=[
-        Mistake("the two weights are swapped: the EMA keeps d of its own old value and takes only 1 − d of the "
-                "new weights, θ_ema ← d·θ_ema + (1 − d)·θ.",
+        Mistake("the two weights are swapped: which of the two should keep the large share d?",
                 lambda e, w, d, k: _wrong_ema(e, w, d, k, swapped=True)),
-        Mistake("the warm-up is missing: early in training d is not `decay` but min(decay, (1 + step) / (10 + step)), "
-                "so the average forgets the random initial weights quickly.",
+        Mistake("the warm-up is missing: early in training d is smaller than `decay` (the formula above the "
+                "exercise depends on the step), so the average forgets the random initial weights quickly.",
                 lambda e, w, d, k: _wrong_ema(e, w, d, k, warmup=False)),
-        Mistake("two things: the weights are swapped (the old average keeps the share d, the new weights get "
-                "1 − d), and the warm-up of d is missing.",
+        Mistake("two things: the weights are swapped (which one keeps the "
+                "share d?), and the warm-up of d is missing.",
                 lambda e, w, d, k: _wrong_ema(e, w, d, k, swapped=True, warmup=False))],
     hint="compute d from decay and step first, then mix every tensor: most of the old average, a little of "
          "the new weights.",

@@ -47,22 +47,20 @@ register(Exercise(
     reference=lambda a, b, t: _slerp(a, b, t),
     cases=_slerp_cases,
     mistakes=[
-        Mistake("that is the straight line (1 − t)·a + t·b; slerp walks along the circle: weights "
-                "sin((1 − t)θ)/sin θ and sin(tθ)/sin θ, with θ the angle between a and b.",
+        Mistake("that is the straight line between a and b; slerp walks along the circle, "
+                "with the sine weights of section 1 and θ the angle between a and b.",
                 lambda a, b, t: (1 - t) * a + t * b),
-        Mistake("the two weights are swapped: at t = 0 the answer must be a, so a's weight is "
-                "sin((1 − t)θ)/sin θ.",
+        Mistake("the two weights are swapped: at t = 0 the answer must be a.",
                 lambda a, b, t: _slerp_written(a, b, t, swap=True)),
-        Mistake("θ must come from the cosine of the angle, ⟨a, b⟩ / (‖a‖·‖b‖); you took arccos of the "
-                "plain dot product.",
+        Mistake("θ comes from the cosine of the angle; the plain dot product also grows with the lengths of a and b.",
                 lambda a, b, t: _slerp_written(a, b, t, normalise=False)),
-        Mistake("torch.sin and torch.arccos work in radians; no conversion to degrees.",
+        Mistake("sin and arccos work in radians; no conversion to degrees.",
                 lambda a, b, t: _slerp_written(a, b, t, degrees=True)),
         Mistake("you normalised the result to unit length (or a and b first); slerp keeps the inputs' "
                 "lengths: use a and b as they are, only θ uses their directions.",
                 lambda a, b, t: _slerp(a / a.norm(), b / b.norm(), t))],
-    hint="flatten both to vectors, θ = arccos(⟨a, b⟩ / (‖a‖‖b‖)), then sin((1 − t)θ)/sin θ · a + "
-         "sin(tθ)/sin θ · b, reshaped back to a's shape.",
+    hint="flatten both to vectors and find θ from the cosine of their angle; then check your "
+         "weights at t = 0 and t = 1 against section 1's formula: they must give a and b.",
     atol=1e-5, rtol=1e-4))
 
 
@@ -86,19 +84,19 @@ register(Exercise(
     reference=_emphasis,
     cases=_emphasis_cases,
     mistakes=[
-        Mistake("the weighting is right but the mean is not restored: multiply by mean(z) / mean(weighted) "
-                "afterwards, one number for the whole tensor.",
+        Mistake("the weighting is right but the mean is not restored: afterwards, one "
+                "factor for the whole tensor must bring its mean back to z's.",
                 lambda z, w: z * w[..., None]),
-        Mistake("the ratio is upside down: the rescale is mean(z) / mean(weighted), so that the new mean "
-                "equals the old one.",
+        Mistake("the ratio is upside down: after the rescale the mean must equal z's, not move further away from it.",
                 lambda z, w: (z * w[..., None]) * ((z * w[..., None]).mean() / z.mean())),
-        Mistake("you restored each token's own mean; the web UI restores one mean, over the whole tensor "
-                "(all tokens and channels): z.mean(), not z.mean(-1).",
+        Mistake("you restored each token's own mean; the web UI restores one "
+                "mean, over the whole tensor (all tokens and channels).",
                 lambda z, w: (z * w[..., None]) * (z.mean(-1, keepdim=True) / (z * w[..., None]).mean(-1, keepdim=True))),
-        Mistake("you shifted the hidden states by the weight; a weight multiplies each token's hidden "
-                "state (its row of D numbers): z · multipliers[..., None].",
+        Mistake("you shifted the hidden states by the weight; a weight "
+                "multiplies each token's hidden state (its row of D numbers).",
                 lambda z, w: (z + (w[..., None] - 1)) * (z.mean() / (z + (w[..., None] - 1)).mean()))],
-    hint="weighted = z · multipliers[..., None]; return weighted · (z.mean() / weighted.mean()).",
+    hint="two steps, as the web UI does them (section 2): weight each token's row of D "
+         "numbers, then one factor for the whole tensor that brings its mean back to z's.",
     atol=1e-5, rtol=1e-4))
 
 
@@ -132,7 +130,8 @@ register(Exercise(
         Mistake("those are the least similar rows: topk picks the largest values, so rank by the cosine "
                 "itself, not by its negative (or use largest=True).",
                 lambda t, v, k: (-F.cosine_similarity(t, v[None], dim=-1)).topk(k).indices)],
-    hint="cos_i = E_i·v / (‖E_i‖‖v‖) for every row i; return the indices of the k largest, best first.",
+    hint="rank the rows by direction only (cosine similarity): what must the dot "
+         "product be divided by, and are your k indices ordered best first?",
     atol=0, rtol=0))
 
 
@@ -161,7 +160,7 @@ register(Exercise(
     mistakes=[
         Mistake("the factor is α / r, with r the rank (down.shape[0]); you multiplied α by r.",
                 lambda d, u, a, s: s * _alpha(a, d.shape[0]) * d.shape[0] * (u @ d)),
-        Mistake("α / r is missing: the file's alpha rescales the update, ΔW = scale · (α / r) · up @ down.",
+        Mistake("the file's alpha is missing: section 4's update is rescaled by α / r.",
                 lambda d, u, a, s: s * (u @ d)),
         Mistake("the user's scale is missing: it multiplies the whole update (scale 0 = no LoRA).",
                 lambda d, u, a, s: _alpha(a, d.shape[0]) / d.shape[0] * (u @ d)),
@@ -170,5 +169,6 @@ register(Exercise(
         Mistake("the rank is the short side shared by the two factors, down.shape[0] (= up.shape[1]); you "
                 "divided by another dimension.",
                 lambda d, u, a, s: s * _alpha(a, d.shape[0]) / d.shape[1] * (u @ d))],
-    hint="r = down.shape[0]; ΔW = scale · (α / r) · (up @ down), an (out, in) matrix like the layer's weight.",
+    hint="ΔW is (out, in) like the layer's weight: which product of up and down has that shape, and "
+         "which factors of section 4 scale it? (What is r, and what is α when alpha is None?)",
     atol=1e-5, rtol=1e-4))
