@@ -5,14 +5,12 @@ on every notebook in notebooks/ that has exercise cells. Kept fast for `make tes
 
   * the cell conventions and the student edition are checked on every notebook with exercises
     (no kernel: each stub is run against its check in this process);
-  * headless, the student edition of the fixture and of ONE real notebook (the quickest one with
-    exercises, by the run times recorded in it) is executed to the end;
+  * headless, the student edition of the fixture is executed to the end here; every real
+    notebook's, in the background of the session, by tests/test_student_editions.py;
   * nbgrader itself (generate_assignment, then autograde of two submissions) runs on the fixture;
     on every real notebook it only generates the assignment. Autograding the real notebooks
     (each executed twice) is the `full` test below (`make test-full`).
 """
-import datetime
-import os
 import re
 import shutil
 import subprocess
@@ -60,21 +58,8 @@ WITH_EXERCISES = [FIXTURE] + notebooks_with_exercises()
 IDS = [p.stem for p in WITH_EXERCISES]
 
 
-def recorded_seconds(path: Path) -> float:
-    """How long the committed (executed) notebook took, from its cells' execution timestamps."""
-    stamps = [datetime.datetime.fromisoformat(t.replace("Z", "+00:00"))
-              for c in read(path).cells for k, t in c.get("metadata", {}).get("execution", {}).items()
-              if k in ("iopub.execute_input", "shell.execute_reply")]
-    return (max(stamps) - min(stamps)).total_seconds() if stamps else float("inf")
-
-
-def kernel_env(tmp: Path) -> dict:
-    """The environment a kernel gets: this checkout's sdlearn, one thread, capstone pieces in tmp;
-    the venv's bin/ first on PATH (nbgrader runs its `alembic` from there)."""
-    return {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-            "SDLEARN_MY_SD": str(tmp / "my_sd"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-            "SDLEARN_THREADS": os.environ.get("SDLEARN_THREADS", "1"), "SDLEARN_DEVICE": "cpu"}
+import student_run  # noqa: E402  (tests/student_run.py: the kernel's environment, the headless check)
+from student_run import kernel_env  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -197,35 +182,17 @@ def test_make_student_writes_student_and_refuses_to_overwrite(tmp_path):
     assert "/student/" in (REPO / ".gitignore").read_text().split()
 
 
-def _quickest_real_notebook() -> list[Path]:
-    real = [p for p in WITH_EXERCISES if p != FIXTURE]
-    return [min(real, key=recorded_seconds)] if real else []
-
-
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("path", [FIXTURE] + _quickest_real_notebook(),
-                         ids=lambda p: p.stem)
-def test_student_edition_runs_headless_to_the_end(path, student_dir, tmp_path, monkeypatch):
-    """Errors only in the check cells, each saying "not written yet"; every other cell ran."""
+def test_student_edition_of_the_fixture_runs_headless_to_the_end(student_dir, tmp_path, monkeypatch):
+    """Errors only in the check cells, each saying "not written yet"; every other cell ran. (The real
+    notebooks: tests/test_student_editions.py.)"""
+    path = FIXTURE
     from nbconvert.preprocessors import ExecutePreprocessor
     for k, v in kernel_env(tmp_path).items():
         monkeypatch.setenv(k, v)
     nb = read(student_dir / path.name)
     ExecutePreprocessor(timeout=900, kernel_name="python3").preprocess(nb, {"metadata": {"path": str(tmp_path)}})
-    checks = 0
-    for cell in nb.cells:
-        if cell.cell_type != "code":
-            continue
-        assert cell.execution_count is not None, f"cell not run:\n{cell.source}"
-        errors = [o for o in cell.outputs if o.output_type == "error"]
-        if student_edition.is_check_cell(cell):
-            checks += 1
-            text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
-            assert [e.ename for e in errors] == ["NotWrittenYet"], cell.source
-            assert "not written yet" in text, text
-        else:
-            assert not errors, f"{cell.source}\n{errors}"
-    assert checks == len(exercise_cells(read(path))) >= 1
+    student_run.check_ran_to_the_end(nb, read(path))
 
 
 # ----------------------------------------------------------------------------- nbgrader itself
@@ -255,10 +222,11 @@ def scores(course: Path, assignment: str, students: list[str]) -> dict[str, tupl
                 for s in students}
 
 
-def autograde(course: Path, assignment: str, submissions: dict[str, Path], tmp: Path) -> dict[str, tuple[float, float]]:
+def autograde(course: Path, assignment: str, submissions: dict[str, Path], tmp: Path,
+              env: dict | None = None) -> dict[str, tuple[float, float]]:
     for student, folder in submissions.items():
         shutil.copytree(folder, course / "submitted" / student / assignment)
-    nbgrader(course, "autograde", assignment, "--create", env=kernel_env(tmp))      # every submission, one run
+    nbgrader(course, "autograde", assignment, "--create", env=env or kernel_env(tmp))   # every submission, one run
     return scores(course, assignment, list(submissions))
 
 
@@ -291,21 +259,46 @@ def test_nbgrader_generates_the_assignment_from_every_notebook_with_exercises(tm
             assert notebook.max_score == len(exercise_cells(mine)) + capstone, path.name
 
 
-@pytest.mark.full
-@pytest.mark.timeout(3600)
-@pytest.mark.parametrize("path", WITH_EXERCISES[1:], ids=IDS[1:])
-def test_nbgrader_autogrades_a_real_notebook(path, tmp_path):
-    """Slow (each notebook runs twice): `make test-full` only. Notebook 06's capstone cell has points
-    of its own and runs the learner's pieces saved by notebooks 03–06 in my_sd/; graded alone, as
-    here, it finds the earlier notebooks' pieces missing and scores 0 for the instructor too."""
-    course = course_with(tmp_path, "series", [path])
-    release = course / "release" / "series"
-    got = autograde(course, "series", {"teacher": course / "source" / "series", "learner": release}, tmp_path)
+def graded_with(path: Path) -> list[Path]:
+    """The notebooks an assignment needs for `path` to be graded: itself, and for the capstone
+    (notebook 06) the notebooks whose check cells save the pieces it runs (03–05), as when a class
+    hands in the series as one assignment."""
+    if not any(c.metadata.get("nbgrader", {}).get("grade_id") == "capstone_check" for c in read(path).cells):
+        return [path]
+    from sdlearn import exercises
+    earlier = {exercises.EXERCISES[piece].notebook for piece in exercises.PIECES} - {path.stem}
+    return sorted(REPO / "notebooks" / f"{name}.ipynb" for name in earlier) + [path]
+
+
+def points(path: Path) -> tuple[int, int]:
+    """(exercise checks, total points) of a notebook: one per exercise, plus the capstone's own."""
     nb = read(path)
     n = len(exercise_cells(nb))
     capstone = sum(c.metadata["nbgrader"].get("points", 0) for c in nb.cells
                    if c.metadata.get("nbgrader", {}).get("grade_id") == "capstone_check")
-    assert got == {"teacher": (n, n + capstone), "learner": (0, n + capstone)}
+    return n, n + capstone
+
+
+def test_the_capstone_is_graded_with_the_notebooks_that_write_its_pieces():
+    six = REPO / "notebooks" / "06_sampling.ipynb"
+    assert [p.stem[:2] for p in graded_with(six)] == ["03", "04", "05", "06"]
+    assert graded_with(REPO / "notebooks" / "04_unet.ipynb") == [REPO / "notebooks" / "04_unet.ipynb"]
+
+
+@pytest.mark.full
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("path", WITH_EXERCISES[1:], ids=IDS[1:])
+def test_nbgrader_autogrades_a_real_notebook(path, tmp_path):
+    """Slow (each notebook runs twice): `make test-full` only. nbgrader runs a submission's notebooks
+    in name order, each in the submission's folder; without SDLEARN_MY_SD the check cells save the
+    capstone's pieces in that folder's my_sd/, so each submission's capstone runs its own pieces."""
+    notebooks = graded_with(path)
+    course = course_with(tmp_path, "series", notebooks)
+    release = course / "release" / "series"
+    env = {k: v for k, v in kernel_env(tmp_path).items() if k != "SDLEARN_MY_SD"}
+    got = autograde(course, "series", {"teacher": course / "source" / "series", "learner": release}, tmp_path, env)
+    total = sum(points(p)[1] for p in notebooks)
+    assert got == {"teacher": (total, total), "learner": (0, total)}
 
 
 def test_the_test_set_and_ci_install_what_these_tests_need():

@@ -153,7 +153,8 @@ def test_the_shipped_records_have_one_format_and_agree_with_their_files():
         assert list(record)[:len(ti_train.RECORD_KEYS) - 1] == list(ti_train.RECORD_KEYS[:-1]), name
         assert {"learned", f"initial ({concept.init}'s row)"} <= set(record["rate"]), name
         assert all(0 <= r["concept"] <= 1 for r in record["rate"].values()), name
-        assert record["command"].startswith("python -m sdlearn.ti_train ") and record["seconds"] > 0, name
+        assert record["command"].startswith("python -m sdlearn.ti_train "), name
+        assert 0 < record["seconds"] <= 300, f"{name}: issue 17 asks for ≤ 5 minutes on a 2-core CPU"
     star = ti_train.read_record(ti_train.STAR_EMBEDDING)             # a path reads the same record
     assert star["rate"]["learned"]["concept"] == 0.0 and {"star_rate_ceiling", "control_square"} <= set(star)
 
