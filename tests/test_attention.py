@@ -1,6 +1,6 @@
 import torch
 
-from sdlearn.attention import AttentionRecorder, attention, attention_probs
+from sdlearn.attention import AttentionRecorder, attention, attention_probs, recording_paused
 
 
 def naive_attention(q, k, v, heads, causal=False):
@@ -49,3 +49,23 @@ def test_recorder_keeps_output_identical_and_rows_sum_to_one():
     # Outside the `with` block nothing is recorded any more.
     attention(q, k, v, heads=3, tag="layer.attn2")
     assert len(rec.maps["layer.attn2"]) == 1
+
+
+def test_recording_paused_hides_the_calls_inside_it_from_every_recorder():
+    q = k = v = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(3))
+    with AttentionRecorder() as outer:
+        with recording_paused():
+            attention(q, k, v, heads=2, tag="bookkeeping")
+            with AttentionRecorder() as inner:                # a recorder opened inside still records
+                attention(q, k, v, heads=2, tag="inside")
+        attention(q, k, v, heads=2, tag="after")              # and the outer one resumes
+    assert list(outer.maps) == ["after"] and list(inner.maps) == ["inside"]
+
+
+def test_recorder_with_to_cpu_false_keeps_the_maps_on_the_models_device():
+    # The meta device stands in for a GPU: a map copied to the CPU from there would raise.
+    q, k, v = (torch.empty(1, 4, 8, device="meta") for _ in range(3))
+    with AttentionRecorder(to_cpu=False) as rec:
+        attention(q, k, v, heads=2, tag="layer.attn2")
+    (probs,) = rec.maps["layer.attn2"]
+    assert probs.is_meta and probs.shape == (1, 2, 4, 4)

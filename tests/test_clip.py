@@ -114,10 +114,11 @@ def test_shorter_ids_give_the_prefix_of_the_full_output(tiny):
     cfg, ref, ours = tiny
     ids = sample_ids(cfg, batch=2)
     with torch.no_grad():
-        short = ours(ids[:, :20])
-        assert short.shape == (len(ids), 20, cfg.hidden_size)
-        assert rel_err(short, ref(input_ids=ids[:, :20]).last_hidden_state) <= 1e-5
-        assert rel_err(short, ours(ids)[:, :20]) <= 1e-6
+        for n in (20, 1):                                  # down to the start token alone
+            short = ours(ids[:, :n])
+            assert short.shape == (len(ids), n, cfg.hidden_size)
+            assert rel_err(short, ref(input_ids=ids[:, :n]).last_hidden_state) <= 1e-5
+            assert rel_err(short, ours(ids)[:, :n]) <= 1e-6
 
 
 def test_attention_maps_are_recorded_per_layer_and_are_lower_triangular(tiny):
@@ -144,6 +145,12 @@ def test_wrong_ids_are_refused_with_what_was_expected(tiny):
         ours(ids[0])
     with pytest.raises(ValueError, match="1 ≤ L ≤ 77"):
         ours(torch.cat([ids, ids], dim=1))
+    with pytest.raises(ValueError, match=r"1 ≤ L ≤ 77; got \(1, 0\)"):
+        ours(ids[:1, :0])
+    one_bad = ids.clone()
+    one_bad[0, 5] = 49413                                  # among valid ids: the message names this one
+    with pytest.raises(ValueError, match="found 49413"):
+        ours(one_bad)
     with pytest.raises(ValueError, match="49408"):
         ours(torch.full((1, 77), 49408))
     with pytest.raises(ValueError, match="found -1"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -142,6 +143,14 @@ def test_q_sample_rejects_bad_timesteps():
         s.q_sample(x, 1000, x)
     with pytest.raises(ValueError, match="one timestep per batch element"):
         s.q_sample(x, torch.tensor([1, 2, 3]), x)
+
+
+def test_q_sample_rejects_noise_of_another_shape_even_one_that_broadcasts():
+    s = NoiseSchedule.scaled_linear()
+    x0 = torch.zeros(2, 3)
+    for noise in (torch.zeros(1, 3), torch.zeros(3), torch.zeros(2, 3, 1)):   # smaller ones broadcast silently
+        with pytest.raises(ValueError, match=re.escape(f"noise has shape {tuple(noise.shape)} but x0 has (2, 3)")):
+            s.q_sample(x0, 10, noise)
 
 
 # ---- the plain functions behind notebook 03's plots and timestep slider ----------------------

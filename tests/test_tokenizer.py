@@ -296,3 +296,26 @@ def test_tokenizer_json_of_transformers_5_gives_the_same_ids(tmp_path):
     ours = CLIPTokenizer.from_folder(tmp_path / "fast")
     text = ["a photograph of an astronaut riding a horse", "cat, dog's 3.14 — Ünïcode 🐈"]
     assert torch.equal(ours(text), CLIPTokenizer.bundled()(text))
+
+
+# -- added tokens (textual inversion; tests/test_textual_inversion.py checks them against transformers) --
+
+def test_added_tokens_are_numbered_after_the_vocabulary_and_cut_out_before_the_bpe(tok):
+    added = tok.with_added_tokens(["<cat-toy>", "qqtok"])
+    assert added.vocab_size == 49410 and added.added_tokens == {"<cat-toy>": 49408, "qqtok": 49409}
+    assert added.encode("a <Cat-Toy> qqtok") == [49406, 320, 49408, 49409, 49407]
+    assert added.encode("a<cat-toy>s") == [49406, tok.encoder["a</w>"], 49408, tok.encoder["s</w>"], 49407]
+    assert len(tok.encode("a <cat-toy>")) > 4 and not tok.added_tokens      # the original is unchanged
+    renumbered = added.without_added_tokens(["<cat-toy>"])
+    assert renumbered.added_tokens == {"qqtok": 49408} and renumbered.encode("qqtok") == [49406, 49408, 49407]
+    assert added.without_added_tokens().encode("a <cat-toy>") == tok.encode("a <cat-toy>")
+
+
+def test_added_tokens_that_are_not_strings_words_or_added_are_refused(tok):
+    for bad in (3, None, "", "  "):
+        with pytest.raises(ValueError, match="non-empty string"):
+            tok.with_added_tokens([bad])
+    with pytest.raises(ValueError, match=r"it is the word 'cat' \(id 2368\)"):
+        tok.with_added_tokens(["Cat"])
+    with pytest.raises(ValueError, match=r"not added tokens: \['<dog>'\]"):
+        tok.with_added_tokens(["<cat-toy>"]).without_added_tokens(["<dog>"])

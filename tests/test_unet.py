@@ -138,6 +138,15 @@ def test_odd_latents_round_up_on_the_way_down_and_back_on_the_way_up():
     assert table["conv_out"][1] == (1, 4, 9, 13)
 
 
+@pytest.mark.parametrize("cfg, factor", [(UNetConfig.tiny(), 2), (THREE_LEVELS, 4)])
+def test_downsample_factor_is_how_much_smaller_the_mid_block_maps_are(cfg, factor):
+    ours, _ = models(cfg)
+    latents, context = inputs(cfg, 1, 16, 24)
+    table = {name: (i, o) for name, i, o in ours.trace_shapes(latents, 5, context)}
+    assert ours.downsample_factor == factor
+    assert table["mid_block.resnets.0"][0][2:] == (16 // factor, 24 // factor)
+
+
 def test_timestep_forms_agree():
     cfg = UNetConfig.tiny()
     ours, _ = models(cfg)
