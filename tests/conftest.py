@@ -1,6 +1,5 @@
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,30 +37,42 @@ def one_thread():
 STUDENT_TESTS = "test_student_editions.py"
 
 
-def _wants_student_run(items) -> bool:
-    return any(Path(str(item.fspath)).name == STUDENT_TESTS for item in items)
+def _is_student_test(item) -> bool:
+    return item.path.name == STUDENT_TESTS
+
+
+def _student_notebooks(items) -> list[str]:
+    """The notebooks whose student edition the selected tests read (parametrised by `path`)."""
+    return sorted({item.callspec.params["path"].name for item in items
+                   if _is_student_test(item) and "executed" in item.fixturenames and hasattr(item, "callspec")})
+
+
+def start_student_run(config, names: list[str]):
+    """Start tests/student_run.py on `names` (low priority: it lowers its own), once per session."""
+    import student_run                            # here: only sessions that check student editions need nbformat
+    out = Path(tempfile.mkdtemp(prefix="sdlearn-student-run-"))
+    log = open(out / "log.txt", "w")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "student_run.py"), str(out), *names],
+                            env=student_run.kernel_env(out), stdout=log, stderr=subprocess.STDOUT)
+    config._sdlearn_student_run = (proc, out, log)
+    return config._sdlearn_student_run
 
 
 def pytest_collection_modifyitems(session, config, items):
     """The student-edition tests go last: they wait for the background run started below."""
-    late = [item for item in items if Path(str(item.fspath)).name == STUDENT_TESTS]
+    late = [item for item in items if _is_student_test(item)]
     if late:
-        items[:] = [item for item in items if Path(str(item.fspath)).name != STUDENT_TESTS] + late
+        items[:] = [item for item in items if not _is_student_test(item)] + late
 
 
 def pytest_collection_finish(session):
-    """Start executing every student edition in a low-priority background process as soon as the
-    session knows it will check them, so they run beside the (mostly one-thread) suite."""
-    if session.config.option.collectonly or not _wants_student_run(session.items):
+    """Start executing the selected student editions in a background process as soon as the session
+    knows it will check them, so they run beside the (mostly one-thread) suite. Not in a pytest-xdist
+    worker: there the `executed` fixture starts the run itself when first needed."""
+    names = _student_notebooks(session.items)
+    if session.config.option.collectonly or not names or hasattr(session.config, "workerinput"):
         return
-    import student_run                            # here: only sessions that run its tests need nbformat
-    out = Path(tempfile.mkdtemp(prefix="sdlearn-student-run-"))
-    log = open(out / "log.txt", "w")
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "student_run.py"), str(out)],
-                            env=student_run.kernel_env(out), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True,             # its own process group, kernels included
-                            preexec_fn=lambda: os.nice(10))     # the suite's own tests come first
-    session.config._sdlearn_student_run = (proc, out, log)
+    start_student_run(session.config, names)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -69,11 +80,15 @@ def pytest_sessionfinish(session, exitstatus):
     if run is None:
         return
     proc, out, log = run
-    if proc.poll() is None:                       # the session stopped early (-x, Ctrl-C): stop it and its kernel
-        os.killpg(proc.pid, signal.SIGTERM)
+    if proc.poll() is None:                       # the session stopped early (-x, Ctrl-C): stop it;
+        proc.terminate()                          # it shuts its kernel down on SIGTERM
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
     log.close()
-    shutil.rmtree(out, ignore_errors=True)
+    if exitstatus == 0 or proc.returncode != 0 and not (out / "executed" / "DONE").exists():
+        shutil.rmtree(out, ignore_errors=True)
+    else:                                         # a failed session keeps what the student run wrote
+        print(f"\nthe executed student editions are kept in {out}")

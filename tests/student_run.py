@@ -1,31 +1,37 @@
 """Execute the student edition of every notebook with exercises, headless, one after another.
 
-    python tests/student_run.py OUT            # OUT/student/*.ipynb written, OUT/executed/*.ipynb run
+    python tests/student_run.py OUT [NAME.ipynb ...]   # OUT/student/*.ipynb written, OUT/executed/*.ipynb run
 
 Started by tests/conftest.py in the background of a test session that includes
-tests/test_student_editions.py (at a low priority, on the core the mostly single-threaded suite
-leaves free), so that `make test` executes every student edition without waiting for them one by
+tests/test_student_editions.py (it lowers its own priority, and so its kernels', to run on the
+core the mostly single-threaded suite leaves free), so that `make test` executes every student edition without waiting for them one by
 one; the tests in that file wait for this process and read what it wrote. Each notebook runs in
 its own kernel in OUT/run/NAME/ (files it writes stay there), with the environment the classroom
 tests give a kernel: this checkout's sdlearn, one thread, capstone pieces under OUT.
 
 A notebook that stops on an error is written as far as it ran, with the error in
-OUT/executed/NAME.error.txt; the tests report it.
+OUT/executed/NAME.error.txt; the tests report it. On SIGTERM (the session ended early) it shuts
+its kernel down and stops; it also stops if the test session that started it dies.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
 import nbformat
+from nbconvert.preprocessors import ExecutePreprocessor
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 import student_edition  # noqa: E402  (tools/student_edition.py)
+from sdlearn.exercises import PIECES  # noqa: E402
 
 
 def kernel_env(tmp: Path) -> dict:
@@ -47,8 +53,6 @@ def check_ran_to_the_end(nb, instructor) -> None:
     """Assert that an executed student edition `nb` ran every code cell, with errors only in the
     check cells (each saying "not written yet"; the capstone's naming every piece still to write),
     and as many check cells as the instructor edition `instructor` has."""
-    from sdlearn.exercises import PIECES
-
     checks = 0
     for cell in nb.cells:
         if cell.cell_type != "code":
@@ -69,10 +73,32 @@ def check_ran_to_the_end(nb, instructor) -> None:
     assert checks == sum(student_edition.is_check_cell(c) for c in instructor.cells) >= 1
 
 
-def main(out: Path) -> int:
-    from nbconvert.preprocessors import ExecutePreprocessor
+def _stop_with_the_session(parent: int) -> None:
+    """A daemon thread: when the test session that started this process is gone (killed without
+    its cleanup), stop as on SIGTERM."""
+    while os.getppid() == parent:
+        time.sleep(2)
+    os.kill(os.getpid(), signal.SIGTERM)
 
-    sources = notebooks()
+
+def _exit(signum, frame):
+    raise SystemExit(f"stopped by signal {signum}")   # unwinds through nbclient, which shuts the kernel down
+
+
+def main(out: Path, names: list[str] | None = None) -> int:
+    if hasattr(os, "nice"):
+        os.nice(10)                                     # the suite's own tests come first; kernels inherit it
+    signal.signal(signal.SIGTERM, _exit)
+    parent = os.getppid()
+    threading.Thread(target=_stop_with_the_session, args=(parent,), daemon=True).start()
+    try:
+        return _run(out, [p for p in notebooks() if not names or p.name in names])
+    finally:
+        if os.getppid() != parent:                      # nobody is left to read it or clean it up
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _run(out: Path, sources: list[Path]) -> int:
     student_edition.write_edition(sources, out / "student")
     (out / "executed").mkdir(parents=True, exist_ok=True)
     for src in sources:
@@ -91,6 +117,6 @@ def main(out: Path) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2:
         raise SystemExit(__doc__)
-    sys.exit(main(Path(sys.argv[1])))
+    sys.exit(main(Path(sys.argv[1]), sys.argv[2:]))

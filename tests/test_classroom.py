@@ -9,7 +9,7 @@ on every notebook in notebooks/ that has exercise cells. Kept fast for `make tes
     notebook's, in the background of the session, by tests/test_student_editions.py;
   * nbgrader itself (generate_assignment, then autograde of two submissions) runs on the fixture;
     on every real notebook it only generates the assignment. Autograding the real notebooks
-    (each executed twice) is the `full` test below (`make test-full`).
+    (each executed twice; 03–05 again with 06) is the `full` test below (`make test-full`).
 """
 import re
 import shutil
@@ -28,6 +28,9 @@ sys.path.insert(0, str(REPO / "tools"))
 import student_edition  # noqa: E402  (tools/student_edition.py)
 
 pytest.importorskip("nbgrader", reason="the classroom extra (nbgrader) is not installed: pip install -e '.[classroom]'")
+
+import student_run  # noqa: E402  (tests/student_run.py: the kernel's environment, the headless check)
+from student_run import kernel_env  # noqa: E402
 
 CHECK_RE = re.compile(r'exercises\.check\("(\w+)", (\w+)\)')
 SOLUTION_META = {"grade": False, "locked": False, "schema_version": 3, "solution": True, "task": False}
@@ -58,8 +61,6 @@ WITH_EXERCISES = [FIXTURE] + notebooks_with_exercises()
 IDS = [p.stem for p in WITH_EXERCISES]
 
 
-import student_run  # noqa: E402  (tests/student_run.py: the kernel's environment, the headless check)
-from student_run import kernel_env  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -253,10 +254,7 @@ def test_nbgrader_generates_the_assignment_from_every_notebook_with_exercises(tm
         from nbgrader.api import Gradebook
         with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
             notebook = gb.find_notebook(path.stem, "series")
-            # one point per exercise, plus the capstone's own graded cell (notebook 06) at its points
-            capstone = sum(c.metadata["nbgrader"].get("points", 0) for c in mine.cells
-                           if c.metadata.get("nbgrader", {}).get("grade_id") == "capstone_check")
-            assert notebook.max_score == len(exercise_cells(mine)) + capstone, path.name
+            assert notebook.max_score == points(path)[1], path.name
 
 
 def graded_with(path: Path) -> list[Path]:
@@ -289,7 +287,7 @@ def test_the_capstone_is_graded_with_the_notebooks_that_write_its_pieces():
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("path", WITH_EXERCISES[1:], ids=IDS[1:])
 def test_nbgrader_autogrades_a_real_notebook(path, tmp_path):
-    """Slow (each notebook runs twice): `make test-full` only. nbgrader runs a submission's notebooks
+    """Slow (each notebook runs twice, and 03–05 twice more for 06): `make test-full` only. nbgrader runs a submission's notebooks
     in name order, each in the submission's folder; without SDLEARN_MY_SD the check cells save the
     capstone's pieces in that folder's my_sd/, so each submission's capstone runs its own pieces."""
     notebooks = graded_with(path)

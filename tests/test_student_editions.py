@@ -3,27 +3,27 @@
 The student edition (tools/student_edition.py: solutions replaced by `raise NotImplementedError()`,
 outputs cleared) must still run top to bottom: later cells use the package's version of what the
 learner has not written yet, each check cell says "not written yet", and notebook 06's capstone
-names the pieces still missing. Executing all of them takes about six minutes, so tests/conftest.py
-starts them at the beginning of the session, in a low-priority background process
-(tests/student_run.py), and these tests, which pytest runs last, wait for it and read the results.
+names the pieces still missing. Executing all of them takes about four minutes, so tests/conftest.py
+starts them right after collection, in a low-priority background process (tests/student_run.py),
+and these tests, which pytest runs last, wait for it and read the results.
 """
-from pathlib import Path
-
-import nbformat
 import pytest
 
-import student_run
-
 pytest.importorskip("nbgrader", reason="the classroom extra (nbgrader) is not installed: pip install -e '.[classroom]'")
+nbformat = pytest.importorskip("nbformat")
+
+import student_run  # noqa: E402  (tests/student_run.py; needs nbformat)
+from conftest import start_student_run  # noqa: E402
 
 NOTEBOOKS = student_run.notebooks()
-WAIT = 1800          # seconds: the whole background run, measured at ~6 minutes alone
+WAIT = 1800          # seconds for the whole background run (about 4 minutes on its own)
 
 
 @pytest.fixture(scope="module")
-def executed(request) -> Path:
-    run = getattr(request.config, "_sdlearn_student_run", None)
-    assert run is not None, "the background run did not start (tests/conftest.py starts it after collection)"
+def executed(request):
+    """The folder of executed student editions, once the background run has finished (started here
+    if the session did not start it, as in a pytest-xdist worker)."""
+    run = getattr(request.config, "_sdlearn_student_run", None) or start_student_run(request.config, [])
     proc, out, _ = run
     try:
         proc.wait(timeout=WAIT)

@@ -96,7 +96,7 @@ register(Exercise(
                       "range is 8 bytes too early.", _forgot_length_field),
               Mistake("the header length is the number stored in the first 8 bytes (N), without the 8 "
                       "bytes of the field itself.", _length_includes_prefix)],
-    hint="read N as a little-endian unsigned 64-bit integer (struct '<Q'), then exactly N bytes of JSON; "
+    hint="read N as a little-endian unsigned 64-bit integer (as section 1 does), then exactly N bytes of JSON; "
          "dtype and shape are the entry's own fields."))
 
 
