@@ -2,7 +2,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -50,11 +49,7 @@ def _student_notebooks(items) -> list[str]:
 def start_student_run(config, names: list[str]):
     """Start tests/student_run.py on `names` (low priority: it lowers its own), once per session."""
     import student_run                            # here: only sessions that check student editions need nbformat
-    out = Path(tempfile.mkdtemp(prefix="sdlearn-student-run-"))
-    log = open(out / "log.txt", "w")
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "student_run.py"), str(out), *names],
-                            env=student_run.kernel_env(out), stdout=log, stderr=subprocess.STDOUT)
-    config._sdlearn_student_run = (proc, out, log)
+    config._sdlearn_student_run = student_run.start_in_background(names)
     return config._sdlearn_student_run
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -71,6 +73,16 @@ def check_ran_to_the_end(nb, instructor) -> None:
         else:
             assert not errors, f"{cell.source}\n{errors}"
     assert checks == sum(student_edition.is_check_cell(c) for c in instructor.cells) >= 1
+
+
+def start_in_background(names: list[str]) -> tuple[subprocess.Popen, Path, object]:
+    """Run this file on `names` (all notebooks with exercises if empty) in a new process writing to
+    a new temporary folder; returns (the process, the folder, its open log file)."""
+    out = Path(tempfile.mkdtemp(prefix="sdlearn-student-run-"))
+    log = open(out / "log.txt", "w")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__)), str(out), *names],
+                            env=kernel_env(out), stdout=log, stderr=subprocess.STDOUT)
+    return proc, out, log
 
 
 def _stop_with_the_session(parent: int) -> None:

@@ -13,7 +13,6 @@ pytest.importorskip("nbgrader", reason="the classroom extra (nbgrader) is not in
 nbformat = pytest.importorskip("nbformat")
 
 import student_run  # noqa: E402  (tests/student_run.py; needs nbformat)
-from conftest import start_student_run  # noqa: E402
 
 NOTEBOOKS = student_run.notebooks()
 WAIT = 1800          # seconds for the whole background run (about 4 minutes on its own)
@@ -23,7 +22,9 @@ WAIT = 1800          # seconds for the whole background run (about 4 minutes on 
 def executed(request):
     """The folder of executed student editions, once the background run has finished (started here
     if the session did not start it, as in a pytest-xdist worker)."""
-    run = getattr(request.config, "_sdlearn_student_run", None) or start_student_run(request.config, [])
+    run = getattr(request.config, "_sdlearn_student_run", None)
+    if run is None:                                      # stored on the config, so conftest cleans it up
+        run = request.config._sdlearn_student_run = student_run.start_in_background([])
     proc, out, _ = run
     try:
         proc.wait(timeout=WAIT)
