@@ -136,14 +136,17 @@ def cross_attention_tags(unet: torch.nn.Module) -> list[str]:
 
 
 def _latent_size(pipe, kwargs: dict) -> tuple[int, int]:
-    """The latent (h, w) a generate call with these arguments works at (request.output_size ÷ 8).
-    An image given as a path is decoded here and handed on in `kwargs`, so `generate` does not
-    decode it a second time."""
-    if kwargs.get("image") is not None:
-        kwargs["image"] = read_picture(kwargs["image"])
+    """The latent (h, w) a generate call with these arguments works at (request.output_size ÷ 8);
+    an image in `kwargs` has been decoded already (`_decode_image`)."""
     height, width = output_size(pipe, kwargs.get("height"), kwargs.get("width"), kwargs.get("image"),
                                 kwargs.get("latents"))
     return height // pipe.latent_factor, width // pipe.latent_factor
+
+
+def _decode_image(kwargs: dict) -> dict:
+    """`kwargs` with an image given as a file path decoded, once: the latent size and `generate`
+    both use the decoded picture."""
+    return {**kwargs, "image": read_picture(kwargs["image"])} if kwargs.get("image") is not None else kwargs
 
 
 def _check_single(prompt, kwargs: dict) -> None:
@@ -174,6 +177,7 @@ def attention_over_steps(pipe, prompt: str, *, every: int = 5, **generate_kwargs
     _check_single(prompt, generate_kwargs)
     if every < 1:
         raise ValueError(f"every must be a positive number of steps; got {every}")
+    generate_kwargs = _decode_image(generate_kwargs)
     rec = CrossAttentionMaps(rows=CONDITIONAL_ROW, latent_size=_latent_size(pipe, generate_kwargs))
     snapshots = [(0, {}, 0)]                          # (steps done, sums, count)
 
@@ -200,6 +204,7 @@ def attention_by_layer(pipe, prompt: str, **generate_kwargs):
     Returns (the GenerationResult, [LayerMaps, …] in the UNet's call order: down, mid, up).
     """
     _check_single(prompt, generate_kwargs)
+    generate_kwargs = _decode_image(generate_kwargs)
     latent_size = _latent_size(pipe, generate_kwargs)
     recorders = {}
     for tag in cross_attention_tags(pipe.unet):

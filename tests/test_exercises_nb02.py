@@ -87,6 +87,10 @@ def test_pad_ids_reference_is_the_tokenizers_own_row():
         ids = tok.encode(prompt)[1:-1]
         assert pad(ids) == row and len(row) == 77, prompt
     assert [len(tok.encode(p)) - 2 for p in prompts[2:4]] == [75, 76]
+    long = tok.encode(prompts[-1])[1:-1]                 # another length: the tokenizer's own cut to 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert pad(long, 8) == tok.encode(prompts[-1], max_length=8)
 
 
 def test_only_a_prompt_too_long_tells_where_the_cut_is_made():

@@ -50,6 +50,18 @@ def test_step_windows_follow_an_img2img_run_and_its_size(pipe):
     assert windows[0].maps.maps.shape == (len(windows[0].maps.words), 64, 64)
 
 
+@pytest.mark.parametrize("split", [attention_over_steps, attention_by_layer])
+def test_an_image_given_as_a_path_is_opened_once(pipe, split, tmp_path, monkeypatch):
+    from sdlearn import images
+    path = tmp_path / "start.png"
+    images.to_pil(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)))[0].save(path)
+    opened = []
+    real = images.open_image
+    monkeypatch.setattr(images, "open_image", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    split(pipe, PROMPT, seed=0, steps=4, image=str(path), strength=0.5, sampler="ddim")
+    assert opened == [str(path)]
+
+
 def test_layer_maps_average_to_the_whole_run(pipe):
     kw = dict(seed=1, steps=4, guidance=5.0)
     result, layers = attention_by_layer(pipe, PROMPT, **kw)

@@ -3,7 +3,6 @@ mask, one causal attention head, quick_gelu."""
 from __future__ import annotations
 
 import math
-import warnings
 from types import SimpleNamespace
 
 import torch
@@ -102,29 +101,6 @@ register(Exercise(
 START, END = 49406, 49407                   # SD v1's start and end tokens; the end token also pads
 
 
-class _IdsAsText(tokenization.CLIPTokenizer):
-    """The package's tokenizer on a "prompt" whose pieces are the given ids ("320 736 7117"), so
-    that its own encode, _truncate and __call__ (start, end, the cut, the padding) make the row."""
-
-    def __init__(self, length: int):        # no vocabulary needed: every piece is its own id
-        real = tokenization.default_tokenizer()
-        self.bos_token_id, self.eos_token_id, self.pad_token_id = real.bos_token_id, real.eos_token_id, real.pad_token_id
-        self.model_max_length = length
-        self._cache = {}
-
-    def pieces(self, text):
-        return text.split()
-
-    def _piece_ids(self, piece):
-        return (int(piece),)
-
-
-def _package_pad(token_ids, length=77):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")     # a cut prompt's warning names the dropped "words": the ids
-        return _IdsAsText(length)(" ".join(map(str, token_ids)))[0].tolist()
-
-
 def _pad_cases() -> list[Case]:
     red = tokenization.default_tokenizer().encode("a red circle")[1:-1]
     g = torch.Generator().manual_seed(4)
@@ -152,13 +128,20 @@ def _row(ids, length, *, keep, start=True, pad=END):
     return row + [pad] * (length - len(row))
 
 
+def _padded_row(token_ids, length=77):
+    """The row `CLIPTokenizer.__call__` makes from a prompt whose ids, without start and end, are
+    `token_ids`: start, the first length − 2 ids, end, then the end token as padding
+    (tests/test_exercises_nb02.py checks it against the tokenizer on real prompts)."""
+    return _row(token_ids, length, keep=length - 2)
+
+
 def _cut_the_finished_row(ids, length):     # the end token appended, then everything cut to length
     return ([START] + list(ids) + [END] + [END] * length)[:length]
 
 
 register(Exercise(
     name="pad_ids", notebook="02_clip",
-    reference=_package_pad,
+    reference=_padded_row,
     cases=_pad_cases,
     compare=_same_row,
     mistakes=[Mistake("padding should be 49407: SD v1's tokenizer pads with the end token, not with 0 "
