@@ -1,6 +1,6 @@
 """Quality and speed of the tiny model: does it draw what it is asked, and how fast?
 
-    .venv/bin/python bench/tiny_quality.py                     # every table (≈ 15 min on 2 cores)
+    .venv/bin/python bench/tiny_quality.py                     # every table (≈ 25 min on 2 cores)
     .venv/bin/python bench/tiny_quality.py --model runs/x.safetensors --only samplers,pairs
 
 Every figure is the project's analyser (`sdlearn.analyser`) reading pictures back, one seed per
@@ -12,6 +12,12 @@ at the model's defaults (its sampler and steps, guidance 7.5) unless a table var
              (and PNDM at 50, diffusers' default):
              colour, shape, position (of the 90 that name one), stray blobs, circles read round.
              The 18 prompts of held-out colour–shape pairs (never in training) are scored apart.
+  seeds      the samplers table's 90 trained prompts again from other seeds (--more-seeds): one
+             picture more or less moves a figure by 1.1 points, so the spread shows what a
+             single seed's figure can say.
+  pndm       PNDM alone, colour and strays on the same prompts, over steps at guidance 7.5 and
+             over guidance at 20 steps, from seed --seed and the first of --more-seeds
+             (notebook 06, Going further: why a four-step extrapolation needs small steps).
   held_out   the 54 held-out one-object prompts (`shapes.held_out_prompts`, with sizes).
   pairs      the 120 two-object prompts (`shapes.pair_prompts`) at several guidance scales:
              both objects right (colour, shape and side), swaps, colour leaks, strays; the
@@ -79,6 +85,40 @@ def samplers(pipe, seed: int) -> None:
     print(f"one object, {len(seen)} trained prompts (+ {len(held)} held-out), guidance {DEFAULT_GUIDANCE:g}, seed {seed}:")
     table(["sampler", "steps", "colour", "shape", "position", "stray", "circle round", "held-out c / s / p",
            "s per image (batched)"], rows)
+
+
+def _one_object(pipe, sampler: str, steps: int, guidance: float, seed: int) -> dict:
+    """The samplers table's scores for the trained one-object prompts."""
+    prompts = shapes.grammar_prompts()
+    seen = [i for i, p in enumerate(prompts) if not p["held_out"]]
+    pixels = pipe.generate([p["prompt"] for p in prompts], sampler=sampler, steps=steps, guidance=guidance,
+                           seed=seed, progress=False).pixels
+    return analyser.score_alignment([pixels[i] for i in seen], [prompts[i] for i in seen])
+
+
+def seeds(pipe, seed: int, more: list[int]) -> None:
+    all_seeds = [seed, *more]
+    rows = []
+    for name in SAMPLERS:
+        scores = [_one_object(pipe, name, pipe.default_steps, DEFAULT_GUIDANCE, s) for s in all_seeds]
+        mean = {k: statistics.mean(sc[k] for sc in scores) for k in ("colour", "shape", "position")}
+        rows.append([name, " / ".join(pct(sc["colour"]) for sc in scores),
+                     f"{pct(mean['colour'])} / {pct(mean['shape'])} / {pct(mean['position'])}"])
+    print(f"one object, the samplers table's trained prompts from seeds {', '.join(map(str, all_seeds))} "
+          f"({pipe.default_steps} steps, guidance {DEFAULT_GUIDANCE:g}):")
+    table(["sampler", "colour, seed by seed", "all seeds: colour / shape / position"], rows)
+
+
+def pndm(pipe, seed: int, more: list[int]) -> None:
+    runs = [(steps, DEFAULT_GUIDANCE) for steps in (20, 30, 40, 50)] + [(20, g) for g in (3.0, 4.0, 5.0)]
+    two = [seed, *more[:1]]
+    rows = []
+    for steps, g in runs:
+        scores = [_one_object(pipe, "pndm", steps, g, s) for s in two]
+        rows.append([str(steps), f"{g:g}", " / ".join(pct(sc["colour"]) for sc in scores),
+                     " / ".join(pct(sc["stray"]) for sc in scores)])
+    print(f"PNDM, the samplers table's trained prompts, seeds {' / '.join(map(str, two))}:")
+    table(["steps", "guidance", "colour", "stray"], rows)
 
 
 def held_out(pipe, seed: int) -> None:
@@ -161,10 +201,11 @@ def speed(pipe, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(TINY_PATH), help="a tiny-model file (default: the shipped one)")
-    parser.add_argument("--only", default="samplers,held_out,pairs,img2img,speed")
+    parser.add_argument("--only", default="samplers,seeds,pndm,held_out,pairs,img2img,speed")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5, 10.0])
     parser.add_argument("--strength", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--more-seeds", type=int, nargs="+", default=[1, 2], help="for the seeds and pndm tables")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     pipe = load_pipeline(args.model, device="cpu", dtype=torch.float32)
@@ -175,6 +216,10 @@ def main() -> None:
     only = set(args.only.split(","))
     if "samplers" in only:
         samplers(pipe, args.seed)
+    if "seeds" in only:
+        seeds(pipe, args.seed, args.more_seeds)
+    if "pndm" in only:
+        pndm(pipe, args.seed, args.more_seeds)
     if "held_out" in only:
         held_out(pipe, args.seed)
     if "pairs" in only:

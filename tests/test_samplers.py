@@ -413,3 +413,51 @@ def test_karras_timesteps_do_not_depend_on_the_cpus_log(name, monkeypatch):
     ours.set_timesteps(20)
     assert torch.equal(ours.timesteps, ref.timesteps)
     assert torch.equal(ours.sigmas, ref.sigmas)
+
+
+# -- stability: the intervals notebook 06 (Going further) and the README quote --------------------
+# In x̄ = x/√ᾱ and σ = √((1−ᾱ)/ᾱ), DDIM's update is Euler's method for dx̄/dσ = ε̂ and PNDM applies
+# the Adams–Bashforth-4 weights to it. On the linear test equation ε̂ = λ x̄, with λ chosen at
+# every timestep so that z = h·λ is the same for each step, a long run settles into its fastest
+# mode (300 steps: Adams–Bashforth's start-up excites its other modes only weakly):
+# |x̄| shrinks from step to step for z in (−2, 0) with Euler (by |1 + z|), only for z in (−0.3, 0)
+# with Adams–Bashforth 4; outside it grows, by 1.11× per step at z = −0.35 and 2.53× at −1 for AB4
+# (the largest root of ζ⁴ − ζ³ = (z/24)(55ζ³ − 59ζ² + 37ζ − 9)).
+
+def _growth_per_step(name: str, z: float, steps: int = 300, last: int = 100) -> float:
+    """|x̄| at the end over |x̄| `last` steps before, per step, for ε̂ = λ(t) x̄ with h(t)·λ(t) = z."""
+    sampler = get_sampler(name, SCHEDULE)
+    sampler.set_timesteps(steps)
+    stride = 1000 // steps
+    abar = SCHEDULE.alphas_cumprod.double()
+
+    def sigma(a):
+        return ((1 - a) / a).sqrt()
+
+    def model(x, t):
+        t = int(t)
+        a_next = abar[t - stride] if t - stride >= 0 else abar[0]      # the last step lands on ᾱ_0
+        lam = z / (sigma(a_next) - sigma(abar[t]))
+        return lam * x / abar[t].sqrt()
+
+    x = torch.ones(1, 4, 2, 2, dtype=torch.float64)
+    norms = []
+    for t in sampler.timesteps:
+        x = sampler.step(model(x, t), t, x).prev_sample
+        a = abar[int(t) - stride] if int(t) - stride >= 0 else abar[0]
+        norms.append((x / a.sqrt()).norm().item())
+    return (norms[-1] / norms[-1 - last]) ** (1 / last)
+
+
+@pytest.mark.parametrize("name, z, expected", [
+    ("ddim", -0.25, 0.75), ("ddim", -1.8, 0.8), ("ddim", -2.2, 1.2),
+    ("pndm", -0.35, 1.110), ("pndm", -0.5, 1.437), ("pndm", -1.0, 2.528),
+])
+def test_growth_per_step_outside_the_stability_interval(name, z, expected):
+    assert _growth_per_step(name, z) == pytest.approx(expected, rel=0.01)
+
+
+@pytest.mark.parametrize("z", [-0.1, -0.2, -0.28])
+def test_pndm_damps_errors_inside_its_interval(z):
+    growth = _growth_per_step("pndm", z)
+    assert growth < 1, f"PNDM at z = {z}: |x̄| grew {growth:.3f}× per step; −0.3 < z < 0 should damp it"
