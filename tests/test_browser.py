@@ -37,7 +37,7 @@ pytestmark = [
     pytest.mark.skipif(DRIVER is None, reason="no chromedriver here: install Debian's `chromium-driver` (.ci/run does)"),
 ]
 webdriver = pytest.importorskip("selenium.webdriver", reason="Selenium is not installed (the `browser` extra)")
-from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -129,8 +129,17 @@ EXPLORER_IMG = ("//div[contains(@class,'widget-vbox')][.//div[contains(@class,'w
 
 
 def _picture(driver) -> str | None:
-    found = driver.find_elements(By.XPATH, EXPLORER_IMG)
-    return found[0].get_attribute("src") if found else None
+    """The explorer picture's data URL, or None while there is none. The widget replaces its <img>
+    when it redraws; one replaced between finding and reading it is looked up again."""
+    for _ in range(5):
+        found = driver.find_elements(By.XPATH, EXPLORER_IMG)
+        if not found:
+            return None
+        try:
+            return found[0].get_attribute("src")
+        except StaleElementReferenceException:
+            time.sleep(0.2)
+    return None
 
 
 def _save(driver, path: Path) -> Path:
@@ -174,13 +183,14 @@ def test_the_guidance_explorer_redraws_when_its_slider_moves(lab, browser, tmp_p
 
     handle.click()
     handle.send_keys(Keys.ARROW_RIGHT)          # one step (0.5) up: a new run of generate, a new picture
-    WebDriverWait(driver, 120, poll_frequency=0.5).until(
-        lambda d: _picture(d) not in (None, before), message="the picture did not change after the slider moved")
+    after = WebDriverWait(driver, 120, poll_frequency=0.5).until(
+        lambda d: (now := _picture(d)) not in (None, before) and now,
+        message="the picture did not change after the slider moved")
     after_readout = slider.find_element(By.CSS_SELECTOR, ".widget-readout").text
     shot_after = _save(driver, tmp_path / "explorer_after.png")
     print(f"\nscreenshots: {shot_before} {shot_after}")
     assert float(after_readout) == float(readout) + 0.5
-    png = base64.b64decode(_picture(driver).split(",", 1)[1])
+    png = base64.b64decode(after.split(",", 1)[1])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot_after.stat().st_size > 10_000
 
