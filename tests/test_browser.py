@@ -128,6 +128,11 @@ EXPLORER_IMG = ("//div[contains(@class,'widget-vbox')][.//div[contains(@class,'w
                 "[.//label[normalize-space()='guidance']]]//div[contains(@class,'widget-output')]//img")
 
 
+# JupyterLab re-renders prompts and outputs as cells run: an element found a moment ago may be gone
+# when it is read. Waits poll again instead of failing.
+REDRAWN = (StaleElementReferenceException,)
+
+
 def _picture(driver) -> str | None:
     """The explorer picture's data URL, or None while there is none. The widget replaces its <img>
     when it redraws; one replaced between finding and reading it is looked up again."""
@@ -169,7 +174,7 @@ def test_the_guidance_explorer_redraws_when_its_slider_moves(lab, browser, tmp_p
     driver = browser
     _open_and_run_all(driver, base, token, NOTEBOOK.name)
 
-    WebDriverWait(driver, 420, poll_frequency=1).until(
+    WebDriverWait(driver, 420, poll_frequency=1, ignored_exceptions=REDRAWN).until(
         lambda d: _picture(d) and not d.find_elements(By.XPATH, RUNNING),
         message="notebook 07 did not finish running with the explorer's picture shown")
     text = driver.find_element(By.CSS_SELECTOR, ".jp-Notebook").text
@@ -183,7 +188,7 @@ def test_the_guidance_explorer_redraws_when_its_slider_moves(lab, browser, tmp_p
 
     handle.click()
     handle.send_keys(Keys.ARROW_RIGHT)          # one step (0.5) up: a new run of generate, a new picture
-    after = WebDriverWait(driver, 120, poll_frequency=0.5).until(
+    after = WebDriverWait(driver, 120, poll_frequency=0.5, ignored_exceptions=REDRAWN).until(
         lambda d: (now := _picture(d)) not in (None, before) and now,
         message="the picture did not change after the slider moved")
     after_readout = slider.find_element(By.CSS_SELECTOR, ".widget-readout").text
@@ -205,7 +210,7 @@ def test_run_all_goes_on_past_the_checks_of_the_student_edition(lab, browser, tm
     driver = browser
     _open_and_run_all(driver, base, token, f"student/{FIXTURE.name}")
     cells = "//div[contains(@class,'jp-CodeCell')]"
-    WebDriverWait(driver, 180, poll_frequency=0.5).until(
+    WebDriverWait(driver, 180, poll_frequency=0.5, ignored_exceptions=REDRAWN).until(
         lambda d: (prompts := [e.text for e in d.find_elements(By.XPATH, f"{cells}//div[contains(@class,'jp-InputPrompt')]")])
         and all(re.fullmatch(r"\[\d+\]:", p) for p in prompts),
         message="Run All stopped before the last cell of the student edition")
