@@ -1,6 +1,6 @@
 """Quality and speed of the tiny model: does it draw what it is asked, and how fast?
 
-    .venv/bin/python bench/tiny_quality.py                     # every table (≈ 25 min on 2 cores)
+    .venv/bin/python bench/tiny_quality.py                     # every table (≈ 28 min on 2 cores)
     .venv/bin/python bench/tiny_quality.py --model runs/x.safetensors --only samplers,pairs
 
 Every figure is the project's analyser (`sdlearn.analyser`) reading pictures back, one seed per
@@ -19,6 +19,9 @@ at the model's defaults (its sampler and steps, guidance 7.5) unless a table var
   pndm       PNDM alone, colour and strays on the same prompts, over steps at guidance 7.5 and
              over guidance at 20 steps, from seed --seed and the first of --more-seeds
              (notebook 06, Going further: why a four-step extrapolation needs small steps).
+  windows    PNDM at 20 steps with its Adams–Bashforth mix kept only on a window of steps and the
+             newest ε alone (DDIM's update) elsewhere after its warm-up: where the damage comes
+             from (seeds as in the pndm table).
   held_out   the 54 held-out one-object prompts (`shapes.held_out_prompts`, with sizes).
   pairs      the 120 two-object prompts (`shapes.pair_prompts`) at several guidance scales:
              both objects right (colour, shape and side), swaps, colour leaks, strays; the
@@ -36,6 +39,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -45,7 +49,7 @@ from common import environment  # noqa: E402
 from sdlearn import analyser, shapes  # noqa: E402
 from sdlearn.device import ENV_THREADS  # noqa: E402
 from sdlearn.pipeline import load_pipeline  # noqa: E402
-from sdlearn.samplers import SAMPLERS  # noqa: E402
+from sdlearn.samplers import SAMPLERS, PNDMSampler, StepOutput  # noqa: E402
 from sdlearn.sources import TINY_PATH  # noqa: E402
 
 DEFAULT_GUIDANCE = 7.5
@@ -131,6 +135,55 @@ def pndm(pipe, seed: int, more: list[int]) -> None:
     table(["steps", "guidance", "colour", "stray"], rows)
 
 
+class PNDMWindow(PNDMSampler):
+    """PNDM with the Adams–Bashforth mix only at the model calls numbered in `window` (PNDM's
+    counter: 0 and 1 are its warm-up at the first two timesteps, 2 … steps the rest); at the other
+    calls after the warm-up it steps with the newest ε alone, DDIM's transfer. window=range(2,
+    steps + 1) is PNDM itself, range(0) DDIM after a Heun-like first step."""
+    name = "pndm_window"
+    window: range = range(0)
+
+    def step(self, eps, t, x, generator=None):
+        call = self.counter
+        out = super().step(eps, t, x, generator)        # keeps PNDM's memory of past ε either way
+        if call < 2 or call in self.window:
+            return out
+        t = int(t)
+        prev_t = t - self.num_train_timesteps // self.num_inference_steps
+        return StepOutput(self._transfer(x, eps, t, prev_t), out.pred_original_sample)
+
+
+def windows(pipe, seed: int, more: list[int], steps: int = 20) -> None:
+    last = steps                                          # PNDM makes steps + 1 calls: 0 … steps
+    fifth = [range(a, min(a + 5, last + 1)) for a in range(2, last + 1, 5)]
+    half = (last + 3) // 2
+    spans = [range(2, last + 1), range(0), *fifth, range(2, half), range(half, last + 1)]
+    two = [seed, *more[:1]]
+    timestep = {call: 1 + (steps - call) * (1000 // steps) for call in range(2, last + 1)}   # 901 at call 2, 1 at the last
+    rows = []
+    for span in spans:
+        if len(span) == last - 1:                         # every step: PNDM itself (the pndm table's runs)
+            scores = [_one_object(pipe, "pndm", steps, DEFAULT_GUIDANCE, s) for s in two]
+        else:
+            with mock.patch.dict(SAMPLERS, {"pndm": type("Window", (PNDMWindow,), {"window": span})}):
+                scores = [_score_fresh(pipe, steps, s) for s in two]
+        label = ("every step (PNDM)" if len(span) == last - 1 else "none (DDIM after the warm-up)" if not span
+                 else f"t = {timestep[span[0]]} … {timestep[span[-1]]} ({len(span)} steps)")
+        rows.append([label, " / ".join(pct(sc["colour"]) for sc in scores), " / ".join(pct(sc["stray"]) for sc in scores)])
+    print(f"PNDM at {steps} steps, guidance {DEFAULT_GUIDANCE:g}, its Adams–Bashforth mix only on the steps from "
+          f"the timesteps named (elsewhere the newest ε alone), seeds {' / '.join(map(str, two))}:")
+    table(["Adams–Bashforth on", "colour", "stray"], rows)
+
+
+def _score_fresh(pipe, steps: int, seed: int) -> dict:
+    """`_one_object` without its cache: the sampler under the name "pndm" is a variant here."""
+    prompts = shapes.grammar_prompts()
+    seen = [i for i, p in enumerate(prompts) if not p["held_out"]]
+    pixels = pipe.generate([p["prompt"] for p in prompts], sampler="pndm", steps=steps, guidance=DEFAULT_GUIDANCE,
+                           seed=seed, progress=False).pixels
+    return analyser.score_alignment([pixels[i] for i in seen], [prompts[i] for i in seen])
+
+
 def held_out(pipe, seed: int) -> None:
     prompts = shapes.held_out_prompts()
     rows = []
@@ -211,11 +264,11 @@ def speed(pipe, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(TINY_PATH), help="a tiny-model file (default: the shipped one)")
-    parser.add_argument("--only", default="samplers,seeds,pndm,held_out,pairs,img2img,speed")
+    parser.add_argument("--only", default="samplers,seeds,pndm,windows,held_out,pairs,img2img,speed")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5, 10.0])
     parser.add_argument("--strength", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--more-seeds", type=int, nargs="+", default=[1, 2], help="for the seeds and pndm tables")
+    parser.add_argument("--more-seeds", type=int, nargs="+", default=[1, 2], help="for the seeds, pndm and windows tables")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     pipe = load_pipeline(args.model, device="cpu", dtype=torch.float32)
@@ -230,6 +283,8 @@ def main() -> None:
         seeds(pipe, args.seed, args.more_seeds)
     if "pndm" in only:
         pndm(pipe, args.seed, args.more_seeds)
+    if "windows" in only:
+        windows(pipe, args.seed, args.more_seeds)
     if "held_out" in only:
         held_out(pipe, args.seed)
     if "pairs" in only:

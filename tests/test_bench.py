@@ -174,3 +174,41 @@ def test_unet_ablation_profiles_one_call_of_each(capsys):
     assert "=== sdlearn ===" in text and "=== diffusers ===" in text
     ours = text.split("=== diffusers ===")[0]
     assert "mkldnn::_linear_pointwise" in ours                 # the oneDNN paths are what runs
+
+
+def test_pndm_window_is_pndm_on_every_step_and_ddim_after_the_warm_up_on_none():
+    """bench/tiny_quality.py's windows table: the variant must be PNDM exactly when its window holds
+    every step, and step as DDIM (the newest ε alone) outside it, so that the table measures
+    where the Adams–Bashforth mix does its damage and nothing else."""
+    import tiny_quality
+
+    from sdlearn.samplers import DDIMSampler, PNDMSampler, get_sampler, sample_loop
+    from sdlearn.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule.scaled_linear()
+    weight = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)) * 0.3
+
+    def model(x, t):                       # a smooth nonlinear stand-in for the UNet
+        return torch.tanh(torch.einsum("ij,bjhw->bihw", weight, x)) + x * (t / 1000)
+
+    def run(sampler, steps=20):
+        sampler.set_timesteps(steps)
+        x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1)) * sampler.init_noise_sigma
+        return sample_loop(sampler, model, x, sampler.timesteps).x
+
+    def window(span):
+        return type("Window", (tiny_quality.PNDMWindow,), {"window": span})(schedule)
+
+    assert torch.equal(run(window(range(2, 21))), run(PNDMSampler(schedule)))
+    assert not torch.allclose(run(window(range(0))), run(PNDMSampler(schedule)), atol=1e-4)
+    # outside its window, a step from the same (ε, t, x) is DDIM's
+    none, ddim = window(range(0)), DDIMSampler(schedule)
+    none.set_timesteps(20)
+    ddim.set_timesteps(20)
+    x = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    for t in none.timesteps[:2]:                                      # the warm-up: PNDM's own
+        none.step(model(x, t), t, x)
+    t = none.timesteps[2]
+    assert torch.allclose(none.step(model(x, t), t, x).prev_sample, ddim.step(model(x, t), t, x).prev_sample,
+                          atol=1e-6)
+    assert get_sampler("pndm", schedule).name == "pndm"              # the bench's patch left nothing behind
