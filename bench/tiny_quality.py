@@ -96,17 +96,20 @@ def samplers(pipe, seed: int) -> None:
            "s per image (batched)"], rows)
 
 
-def _one_object(pipe, sampler: str, steps: int, guidance: float, seed: int) -> dict:
+def _one_object(pipe, sampler: str, steps: int, guidance: float, seed: int, cache: bool = True) -> dict:
     """The samplers table's scores for the trained one-object prompts. All 108 prompts run as one
     batch, as in that table, so that each prompt gets the same noise there and here (runs repeated
-    between the tables are scored once)."""
+    between the tables are scored once; cache=False for a variant registered under a sampler's name)."""
     key = (sampler, steps, guidance, seed)
-    if key not in _SCORES:
+    if not cache or key not in _SCORES:
         prompts = shapes.grammar_prompts()
         seen = [i for i, p in enumerate(prompts) if not p["held_out"]]
         pixels = pipe.generate([p["prompt"] for p in prompts], sampler=sampler, steps=steps, guidance=guidance,
                                seed=seed, progress=False).pixels
-        _SCORES[key] = analyser.score_alignment([pixels[i] for i in seen], [prompts[i] for i in seen])
+        scores = analyser.score_alignment([pixels[i] for i in seen], [prompts[i] for i in seen])
+        if not cache:
+            return scores
+        _SCORES[key] = scores
     return _SCORES[key]
 
 
@@ -137,14 +140,17 @@ def pndm(pipe, seed: int, more: list[int]) -> None:
 
 class PNDMWindow(PNDMSampler):
     """PNDM with the Adams–Bashforth mix only at the model calls numbered in `window` (PNDM's
-    counter: 0 and 1 are its warm-up at the first two timesteps, 2 … steps the rest); at the other
-    calls after the warm-up it steps with the newest ε alone, DDIM's transfer. window=range(2,
-    steps + 1) is PNDM itself, range(0) DDIM after a Heun-like first step."""
+    counter: 20 steps are 21 calls, the first step, 951 → 901, taken twice as a warm-up without
+    the mix (calls 0 and 1), then calls 2 … 20 at t = 901, 851, …, 1); at the other calls after the
+    warm-up it steps with the newest ε alone, DDIM's transfer. window=range(2, steps + 1) is PNDM
+    itself, range(0) DDIM after PNDM's warm-up. `visited` records the timestep of every call."""
     name = "pndm_window"
     window: range = range(0)
+    visited: list[int] = []
 
     def step(self, eps, t, x, generator=None):
         call = self.counter
+        self.visited.append(int(t))
         out = super().step(eps, t, x, generator)        # keeps PNDM's memory of past ε either way
         if call < 2 or call in self.window:
             return out
@@ -154,34 +160,29 @@ class PNDMWindow(PNDMSampler):
 
 
 def windows(pipe, seed: int, more: list[int], steps: int = 20) -> None:
-    last = steps                                          # PNDM makes steps + 1 calls: 0 … steps
-    fifth = [range(a, min(a + 5, last + 1)) for a in range(2, last + 1, 5)]
+    last = steps                                          # PNDM's calls: 0 … steps, the mix from call 2
+    every = range(2, last + 1)
+    fifths = [range(a, min(a + 5, last + 1)) for a in range(2, last + 1, 5)]
     half = (last + 3) // 2
-    spans = [range(2, last + 1), range(0), *fifth, range(2, half), range(half, last + 1)]
+    spans = [every, range(0), *fifths, range(2, half), range(half, last + 1)]
     two = [seed, *more[:1]]
-    timestep = {call: 1 + (steps - call) * (1000 // steps) for call in range(2, last + 1)}   # 901 at call 2, 1 at the last
     rows = []
     for span in spans:
-        if len(span) == last - 1:                         # every step: PNDM itself (the pndm table's runs)
+        if span == every:                                 # PNDM itself (the pndm table's runs)
             scores = [_one_object(pipe, "pndm", steps, DEFAULT_GUIDANCE, s) for s in two]
+            label = f"every step after the warm-up ({len(every)}: PNDM)"
         else:
-            with mock.patch.dict(SAMPLERS, {"pndm": type("Window", (PNDMWindow,), {"window": span})}):
-                scores = [_score_fresh(pipe, steps, s) for s in two]
-        label = ("every step (PNDM)" if len(span) == last - 1 else "none (DDIM after the warm-up)" if not span
-                 else f"t = {timestep[span[0]]} … {timestep[span[-1]]} ({len(span)} steps)")
+            variant = type("Window", (PNDMWindow,), {"window": span, "visited": []})
+            with mock.patch.dict(SAMPLERS, {"pndm": variant}):
+                scores = [_one_object(pipe, "pndm", steps, DEFAULT_GUIDANCE, s, cache=False) for s in two]
+            t = variant.visited                            # the timestep of each call, as the run visited them
+            label = (f"t = {t[span[0]]} … {t[span[-1]]} ({len(span)} steps)" if span
+                     else "none (DDIM after the warm-up)")
         rows.append([label, " / ".join(pct(sc["colour"]) for sc in scores), " / ".join(pct(sc["stray"]) for sc in scores)])
-    print(f"PNDM at {steps} steps, guidance {DEFAULT_GUIDANCE:g}, its Adams–Bashforth mix only on the steps from "
-          f"the timesteps named (elsewhere the newest ε alone), seeds {' / '.join(map(str, two))}:")
+    print(f"PNDM at {steps} steps ({steps + 1} model calls: the first step twice, as a warm-up), guidance "
+          f"{DEFAULT_GUIDANCE:g}, its Adams–Bashforth mix only on the steps from the timesteps named "
+          f"(elsewhere the newest ε alone), seeds {' / '.join(map(str, two))}:")
     table(["Adams–Bashforth on", "colour", "stray"], rows)
-
-
-def _score_fresh(pipe, steps: int, seed: int) -> dict:
-    """`_one_object` without its cache: the sampler under the name "pndm" is a variant here."""
-    prompts = shapes.grammar_prompts()
-    seen = [i for i, p in enumerate(prompts) if not p["held_out"]]
-    pixels = pipe.generate([p["prompt"] for p in prompts], sampler="pndm", steps=steps, guidance=DEFAULT_GUIDANCE,
-                           seed=seed, progress=False).pixels
-    return analyser.score_alignment([pixels[i] for i in seen], [prompts[i] for i in seen])
 
 
 def held_out(pipe, seed: int) -> None:

@@ -197,7 +197,7 @@ def test_pndm_window_is_pndm_on_every_step_and_ddim_after_the_warm_up_on_none():
         return sample_loop(sampler, model, x, sampler.timesteps).x
 
     def window(span):
-        return type("Window", (tiny_quality.PNDMWindow,), {"window": span})(schedule)
+        return type("Window", (tiny_quality.PNDMWindow,), {"window": span, "visited": []})(schedule)
 
     assert torch.equal(run(window(range(2, 21))), run(PNDMSampler(schedule)))
     assert not torch.allclose(run(window(range(0))), run(PNDMSampler(schedule)), atol=1e-4)
@@ -211,4 +211,19 @@ def test_pndm_window_is_pndm_on_every_step_and_ddim_after_the_warm_up_on_none():
     t = none.timesteps[2]
     assert torch.allclose(none.step(model(x, t), t, x).prev_sample, ddim.step(model(x, t), t, x).prev_sample,
                           atol=1e-6)
-    assert get_sampler("pndm", schedule).name == "pndm"              # the bench's patch left nothing behind
+    # a window in the middle, call by call along one run: PNDM's step inside it (from PNDM's memory of
+    # every ε, those outside included), DDIM's outside it after the warm-up
+    inside = range(7, 12)
+    variant, pndm, ddim = window(inside), PNDMSampler(schedule), DDIMSampler(schedule)
+    for s in (variant, pndm, ddim):
+        s.set_timesteps(20)
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1)) * variant.init_noise_sigma
+    for call, t in enumerate(variant.timesteps):
+        e = model(x, t)
+        got, as_pndm = variant.step(e, t, x).prev_sample, pndm.step(e, t, x).prev_sample
+        want = as_pndm if call < 2 or call in inside else ddim.step(e, t, x).prev_sample
+        assert torch.allclose(got, want, atol=1e-6), f"call {call}, t = {int(t)}"
+        x = got
+    assert variant.visited == [int(t) for t in variant.timesteps]
+    assert variant.visited[2] == 901 and variant.visited[-1] == 1       # the labels the bench prints
+    assert isinstance(get_sampler("pndm", schedule), PNDMSampler)
