@@ -143,14 +143,16 @@ class PNDMWindow(PNDMSampler):
     counter: 20 steps are 21 calls, the first step, 951 → 901, taken twice as a warm-up without
     the mix (calls 0 and 1), then calls 2 … 20 at t = 901, 851, …, 1); at the other calls after the
     warm-up it steps with the newest ε alone, DDIM's transfer. window=range(2, steps + 1) is PNDM
-    itself, range(0) DDIM after PNDM's warm-up. `visited` records the timestep of every call."""
+    itself, range(0) DDIM after PNDM's warm-up. A subclass that sets `visited` to a list gets the
+    timestep of every call appended to it (the table's labels)."""
     name = "pndm_window"
     window: range = range(0)
-    visited: list[int] = []
+    visited: list[int] | None = None
 
     def step(self, eps, t, x, generator=None):
         call = self.counter
-        self.visited.append(int(t))
+        if self.visited is not None:
+            self.visited.append(int(t))
         out = super().step(eps, t, x, generator)        # keeps PNDM's memory of past ε either way
         if call < 2 or call in self.window:
             return out

@@ -182,7 +182,7 @@ def test_pndm_window_is_pndm_on_every_step_and_ddim_after_the_warm_up_on_none():
     where the Adams–Bashforth mix does its damage and nothing else."""
     import tiny_quality
 
-    from sdlearn.samplers import DDIMSampler, PNDMSampler, get_sampler, sample_loop
+    from sdlearn.samplers import DDIMSampler, PNDMSampler, sample_loop
     from sdlearn.schedule import NoiseSchedule
 
     schedule = NoiseSchedule.scaled_linear()
@@ -201,7 +201,8 @@ def test_pndm_window_is_pndm_on_every_step_and_ddim_after_the_warm_up_on_none():
 
     assert torch.equal(run(window(range(2, 21))), run(PNDMSampler(schedule)))
     assert not torch.allclose(run(window(range(0))), run(PNDMSampler(schedule)), atol=1e-4)
-    # outside its window, a step from the same (ε, t, x) is DDIM's
+    # outside its window, a step from the same (ε, t, x) is DDIM's: DDIM's formula goes through x̂₀,
+    # PNDM's transfer does not, so the two round differently (a float32 ulp or two of |x|: rtol)
     none, ddim = window(range(0)), DDIMSampler(schedule)
     none.set_timesteps(20)
     ddim.set_timesteps(20)
@@ -210,7 +211,7 @@ def test_pndm_window_is_pndm_on_every_step_and_ddim_after_the_warm_up_on_none():
         none.step(model(x, t), t, x)
     t = none.timesteps[2]
     assert torch.allclose(none.step(model(x, t), t, x).prev_sample, ddim.step(model(x, t), t, x).prev_sample,
-                          atol=1e-6)
+                          rtol=1e-5, atol=1e-6)
     # a window in the middle, call by call along one run: PNDM's step inside it (from PNDM's memory of
     # every ε, those outside included), DDIM's outside it after the warm-up
     inside = range(7, 12)
@@ -222,8 +223,7 @@ def test_pndm_window_is_pndm_on_every_step_and_ddim_after_the_warm_up_on_none():
         e = model(x, t)
         got, as_pndm = variant.step(e, t, x).prev_sample, pndm.step(e, t, x).prev_sample
         want = as_pndm if call < 2 or call in inside else ddim.step(e, t, x).prev_sample
-        assert torch.allclose(got, want, atol=1e-6), f"call {call}, t = {int(t)}"
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), f"call {call}, t = {int(t)}"
         x = got
     assert variant.visited == [int(t) for t in variant.timesteps]
     assert variant.visited[2] == 901 and variant.visited[-1] == 1       # the labels the bench prints
-    assert isinstance(get_sampler("pndm", schedule), PNDMSampler)
