@@ -1,6 +1,6 @@
 """Quality and speed of the tiny model: does it draw what it is asked, and how fast?
 
-    .venv/bin/python bench/tiny_quality.py                     # every table (≈ 28 min on 2 cores)
+    .venv/bin/python bench/tiny_quality.py                     # every table (≈ 39 min on 2 cores)
     .venv/bin/python bench/tiny_quality.py --model runs/x.safetensors --only samplers,pairs
 
 Every figure is the project's analyser (`sdlearn.analyser`) reading pictures back, one seed per
@@ -22,6 +22,12 @@ at the model's defaults (its sampler and steps, guidance 7.5) unless a table var
   windows    PNDM at 20 steps with its Adams–Bashforth mix kept only on a window of steps and the
              newest ε alone (DDIM's update) elsewhere after its warm-up: where the damage comes
              from (seeds as in the pndm table).
+  stiffness  why PNDM breaks at 20 steps: along the seed's guided 20-step DDIM runs of the 90
+             trained one-object prompts, the largest eigenvalue λ of ∂ε̂/∂x̄ (x̄ = x/√ᾱ, power
+             iteration; times σ, so 1 is what a denoiser has along a direction its x̂₀ ignores) for
+             the unconditional, the conditional and the guided ε̂, next to the guided ε̂ of the
+             *exact* denoiser of the model's own training set (its pictures encoded by its VAE),
+             and what Adams–Bashforth 4 tolerates there (|hλ| < 0.3). About 10 minutes.
   held_out   the 54 held-out one-object prompts (`shapes.held_out_prompts`, with sizes).
   pairs      the 120 two-object prompts (`shapes.pair_prompts`) at several guidance scales:
              both objects right (colour, shape and side), swaps, colour leaks, strays; the
@@ -187,6 +193,156 @@ def windows(pipe, seed: int, more: list[int], steps: int = 20) -> None:
     table(["Adams–Bashforth on", "colour", "stray"], rows)
 
 
+def largest_eigenvalue(f, x: torch.Tensor, iters: int = 25) -> torch.Tensor:
+    """The eigenvalue of largest size of ∂f/∂x for each sample of a batch (f acts on the samples
+    separately), by power iteration: J·v by central differences (a step of 1 % of |x| per
+    sample), the sign from v · J·v. → (B,)"""
+    dims = tuple(range(1, x.dim()))
+    delta = 1e-2 * torch.linalg.vector_norm(x, dim=dims, keepdim=True)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    lam = torch.zeros(len(x))
+    for _ in range(iters + 1):
+        v = v / torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+        jv = (f(x + delta * v) - f(x - delta * v)) / (2 * delta)
+        lam = (v * jv).sum(dims)
+        v = jv
+    return lam
+
+
+def mistake_odds(colour: str, shape: str) -> dict[tuple[str, str], float]:
+    """What `shapes.mistake` calls a one-shape picture of (colour, shape), exactly: one kind with
+    probability ⅓ each (another colour, another shape, or both; each replacement uniform among
+    the others), a description that names a held-out pair drawn again from the start.
+    → {(colour, shape) said: probability}"""
+    colours = [c for c in shapes.COLOURS if c != colour]
+    kinds = [c for c in shapes.SHAPES if c != shape]
+    odds: dict[tuple[str, str], float] = {}
+    for said, p in ([((c, shape), 1 / len(colours)) for c in colours] + [((colour, k), 1 / len(kinds)) for k in kinds]
+                    + [((c, k), 1 / (len(colours) * len(kinds))) for c in colours for k in kinds]):
+        if said not in shapes.HELD_OUT:
+            odds[said] = odds.get(said, 0.0) + p / 3
+    total = sum(odds.values())                      # what is left after the re-draws: renormalised
+    return {said: p / total for said, p in odds.items()}
+
+
+def caption_weights(prompt: dict, pictures: list[dict], noise: float) -> torch.Tensor:
+    """P(a training caption names what the one-object `prompt` (a `shapes.grammar_prompts` entry)
+    names | picture) for each picture, up to a factor the same for all: the picture must hold one
+    shape, at the prompt's position if it names one (a mistake keeps a single shape's position);
+    then 1 − noise if its colour and shape are the prompt's, else noise × the odds that
+    `shapes.mistake` says the prompt's (`mistake_odds`)."""
+    odds: dict[tuple[str, str], dict] = {}
+    out = []
+    for pic in pictures:
+        if len(pic["shapes"]) != 1 or (prompt["position"] and pic["shapes"][0]["position"] != prompt["position"]):
+            out.append(0.0)
+            continue
+        drawn = (pic["shapes"][0]["colour"], pic["shapes"][0]["shape"])
+        if drawn == (prompt["colour"], prompt["shape"]):
+            out.append(1 - noise)
+            continue
+        if drawn not in odds:
+            odds[drawn] = mistake_odds(*drawn)
+        out.append(noise * odds[drawn].get((prompt["colour"], prompt["shape"]), 0.0))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def exact_guided_stiffness(xbar: torch.Tensor, z: torch.Tensor, weights: torch.Tensor, sigma: float,
+                           guidance: float) -> tuple[float, float]:
+    """The exact denoiser of a finite training set (latents z (N, D), every one equally likely
+    unconditionally, `weights` ∝ p(caption | picture) conditionally) at x̄ (D,) and σ: its x̂₀ is
+    the posterior mean of z, ∂x̂₀/∂x̄ = Cov[z | x̄]/σ², so σ ∂ε̂/∂x̄ = I − Cov/σ² and guided
+    σ ∂ε̂_g/∂x̄ = I − (g Cov_c − (g − 1) Cov_u)/σ². → (its eigenvalue of largest size, the
+    largest posterior weight of one training picture, unconditional: near 1, the exact
+    denoiser only recalls that picture)."""
+    s2 = sigma ** 2
+    log_lik = -((z - xbar) ** 2).sum(1) / (2 * s2)
+
+    def posterior_cov(log_w):
+        w = torch.softmax(log_w, 0)
+        d = (z - w @ z) * w.sqrt()[:, None]
+        return d.T @ d, w.max().item()
+
+    cov_u, top = posterior_cov(log_lik)
+    keep = weights > 0
+    cov_c, _ = posterior_cov(torch.where(keep, log_lik + weights.clamp_min(1e-300).log(), -torch.inf))
+    m = guidance * cov_c - (guidance - 1) * cov_u
+    eig = 1 - torch.linalg.eigvalsh((m + m.T) / 2) / s2
+    return (eig[0] if eig[0].abs() > eig[-1].abs() else eig[-1]).item(), top
+
+
+def training_latents(pipe, model: str) -> tuple[torch.Tensor, list[dict], float] | None:
+    """The model's training set as its metadata records it (`sdlearn_training`: images, seed, share
+    of two shapes, the last part's caption noise), encoded by its VAE (posterior means × scaling
+    factor, as the UNet saw them up to the posterior's σ ≈ 0.004), flattened → (z, attributes,
+    caption noise); None if the file does not say."""
+    import json
+
+    from sdlearn.safetensors_file import SafetensorsFile
+    from sdlearn.train import encode_dataset
+    raw = SafetensorsFile(model).metadata.get("sdlearn_training")
+    if raw is None:
+        return None
+    info = json.loads(raw)
+    s = info["settings"]
+    noise = info.get("unet_parts", [{"settings": s}])[-1]["settings"].get("caption_noise", 0.0)
+    data = shapes.make_dataset(s["images"], s["seed"], two_shapes=s["two_shapes"], cache_dir=".cache/shapes")
+    with torch.inference_mode():
+        mean, _ = encode_dataset(pipe.vae, data.images, torch.device("cpu"))
+    return (mean * pipe.vae.scaling_factor).flatten(1).double(), data.attributes, noise
+
+
+def stiffness(pipe, model: str, seed: int, steps: int = 20, show=(901, 851, 751, 651, 551, 451, 351, 251)) -> None:
+    prompts = shapes.grammar_prompts()
+    seen = [i for i, p in enumerate(prompts) if not p["held_out"]]
+    states = {}
+    pipe.generate([p["prompt"] for p in prompts], sampler="ddim", steps=steps, guidance=DEFAULT_GUIDANCE, seed=seed,
+                  progress=False, callback=lambda info: states.setdefault(info.step, info.latents[seen].clone()))
+    sampler = SAMPLERS["ddim"](pipe.schedule)
+    sampler.set_timesteps(steps)
+    ts = [int(t) for t in sampler.timesteps]
+    ab = pipe.schedule.alphas_cumprod.double()
+    sig = lambda t: ((1 - ab[t]) / ab[t]).sqrt().item()   # noqa: E731
+    empty = pipe.encode_prompts([""] * len(seen))
+    cond = pipe.encode_prompts([prompts[i]["prompt"] for i in seen])
+    both = torch.cat([empty, cond])
+    training = training_latents(pipe, model)
+    if training is not None:
+        z, pictures, noise = training
+        weights = [caption_weights(prompts[i], pictures, noise) for i in seen]
+    rows = []
+    for k, t in enumerate(ts[:-1]):
+        if t not in show or k == 0:
+            continue
+        x = states[k - 1]                                   # the state at t: after the step before
+        scale = (1 - ab[t]).sqrt().item()                   # σ ∂ε̂/∂x̄ = √(1 − ᾱ) ∂ε̂/∂x
+        with torch.inference_mode():
+            lam = {name: scale * largest_eigenvalue(f, x) for name, f in (
+                ("uncond", lambda v: pipe.unet(v, t, empty)), ("cond", lambda v: pipe.unet(v, t, cond)),
+                ("guided", lambda v: pipe.eps_model(both, DEFAULT_GUIDANCE)(v, t)))}
+        ratio = (sig(ts[k + 1]) - sig(t)) / sig(t)
+        cells = [str(t), f"{sig(t):.2f}", f"{ratio:.3f}", f"{0.3 / abs(ratio):.2f}"]
+        cells += [f"{lam[n].median():.2f}" for n in ("uncond", "cond")]
+        g = lam["guided"]
+        cells += [f"{g.median():.2f} ({g.quantile(0.1):.2f}–{g.quantile(0.9):.2f})", f"{(ratio * g).median():.2f}"]
+        if training is not None:
+            exact = [exact_guided_stiffness(x[j].double().flatten() / ab[t].sqrt(), z, weights[j], sig(t),
+                                            DEFAULT_GUIDANCE) for j in range(len(seen))]
+            e = torch.tensor([v for v, _ in exact])
+            cells += [f"{e.median():.2f} ({e.quantile(0.1):.2f}–{e.quantile(0.9):.2f})", f"{(ratio * e).median():.2f}",
+                      f"{statistics.median(w for _, w in exact):.3f}"]
+        rows.append(cells)
+    header = ["t", "σ", "h/σ (to the next step)", "AB4 damps while σλ <", "σλ uncond", "σλ cond",
+              "σλ guided (10–90 %)", "z = hλ guided"]
+    if training is not None:
+        header += ["exact denoiser: σλ guided (10–90 %)", "its z", "its largest weight of one picture"]
+    print(f"stiffness along the guided {steps}-step DDIM runs (guidance {DEFAULT_GUIDANCE:g}, seed {seed}) of the "
+          f"{len(seen)} trained one-object prompts: σλ, λ the eigenvalue of largest size of ∂ε̂/∂x̄, medians"
+          + ("" if training is not None else "; no exact-denoiser columns: the file records no training set")
+          + (f"; the exact denoiser of the {len(z)} training pictures, caption noise {noise:g}" if training else "") + ":")
+    table(header, rows)
+
+
 def held_out(pipe, seed: int) -> None:
     prompts = shapes.held_out_prompts()
     rows = []
@@ -267,7 +423,7 @@ def speed(pipe, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(TINY_PATH), help="a tiny-model file (default: the shipped one)")
-    parser.add_argument("--only", default="samplers,seeds,pndm,windows,held_out,pairs,img2img,speed")
+    parser.add_argument("--only", default="samplers,seeds,pndm,windows,stiffness,held_out,pairs,img2img,speed")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5, 10.0])
     parser.add_argument("--strength", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--seed", type=int, default=0)
@@ -288,6 +444,8 @@ def main() -> None:
         pndm(pipe, args.seed, args.more_seeds)
     if "windows" in only:
         windows(pipe, args.seed, args.more_seeds)
+    if "stiffness" in only:
+        stiffness(pipe, args.model, args.seed)
     if "held_out" in only:
         held_out(pipe, args.seed)
     if "pairs" in only:
