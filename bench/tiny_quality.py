@@ -1,6 +1,6 @@
 """Quality and speed of the tiny model: does it draw what it is asked, and how fast?
 
-    .venv/bin/python bench/tiny_quality.py                     # every table (≈ 39 min on 2 cores)
+    .venv/bin/python bench/tiny_quality.py                     # every table (≈ 45 min on 2 cores)
     .venv/bin/python bench/tiny_quality.py --model runs/x.safetensors --only samplers,pairs
 
 Every figure is the project's analyser (`sdlearn.analyser`) reading pictures back, one seed per
@@ -28,6 +28,12 @@ at the model's defaults (its sampler and steps, guidance 7.5) unless a table var
              the unconditional, the conditional and the guided ε̂, next to the guided ε̂ of the
              *exact* denoiser of the model's own training set (its pictures encoded by its VAE),
              and what Adams–Bashforth 4 tolerates there (|hλ| < 0.3). About 10 minutes.
+  exact      that exact denoiser in place of the UNet (`ExactDenoiser`: what a UNet trained to the
+             optimum on exactly these pictures and captions would return), each sampler, the
+             samplers table's prompts and noise: colour, shape, position, strays, the model's beside;
+             then DDIM with more steps, clean captions, and PNDM at the first of --more-seeds, with
+             the prompts drawn in a wrong colour. About 8 minutes (with the stiffness table, which shares
+             its encoding of the training set: about 17).
   held_out   the 54 held-out one-object prompts (`shapes.held_out_prompts`, with sizes).
   pairs      the 120 two-object prompts (`shapes.pair_prompts`) at several guidance scales:
              both objects right (colour, shape and side), swaps, colour leaks, strays; the
@@ -57,6 +63,7 @@ from sdlearn.device import ENV_THREADS  # noqa: E402
 from sdlearn.pipeline import load_pipeline  # noqa: E402
 from sdlearn.samplers import SAMPLERS, PNDMSampler, StepOutput  # noqa: E402
 from sdlearn.sources import TINY_PATH  # noqa: E402
+from sdlearn.toy import alpha_bar_at  # noqa: E402
 
 DEFAULT_GUIDANCE = 7.5
 TARGETS = """issue 15 targets: one object ≥ 98 % colour, shape, position for each sampler; two objects
@@ -196,11 +203,12 @@ def windows(pipe, seed: int, more: list[int], steps: int = 20) -> None:
 def largest_eigenvalue(f, x: torch.Tensor, iters: int = 25) -> torch.Tensor:
     """The eigenvalue of largest size of ∂f/∂x for each sample of a batch (f acts on the samples
     separately), by power iteration: J·v by central differences (a step of 1 % of |x| per
-    sample), the sign from v · J·v. → (B,)"""
+    sample), the sign from v · J·v. → (B,). It converges when one real eigenvalue is larger in
+    size than the others; with two of nearly equal size and opposite signs (some prompts at the
+    highest t) it returns an estimate of that size whose sign may be either."""
     dims = tuple(range(1, x.dim()))
     delta = 1e-2 * torch.linalg.vector_norm(x, dim=dims, keepdim=True)
-    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    lam = torch.zeros(len(x))
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x)
     for _ in range(iters + 1):
         v = v / torch.linalg.vector_norm(v, dim=dims, keepdim=True)
         jv = (f(x + delta * v) - f(x - delta * v)) / (2 * delta)
@@ -248,13 +256,14 @@ def caption_weights(prompt: dict, pictures: list[dict], noise: float) -> torch.T
 
 
 def exact_guided_stiffness(xbar: torch.Tensor, z: torch.Tensor, weights: torch.Tensor, sigma: float,
-                           guidance: float) -> tuple[float, float]:
+                           guidance: float) -> tuple[float, float, float]:
     """The exact denoiser of a finite training set (latents z (N, D), every one equally likely
     unconditionally, `weights` ∝ p(caption | picture) conditionally) at x̄ (D,) and σ: its x̂₀ is
     the posterior mean of z, ∂x̂₀/∂x̄ = Cov[z | x̄]/σ², so σ ∂ε̂/∂x̄ = I − Cov/σ² and guided
     σ ∂ε̂_g/∂x̄ = I − (g Cov_c − (g − 1) Cov_u)/σ². → (its eigenvalue of largest size, the
-    largest posterior weight of one training picture, unconditional: near 1, the exact
-    denoiser only recalls that picture)."""
+    largest posterior weight of one training picture, unconditional and conditional: near 1, the
+    exact denoiser only recalls that picture, and its Jacobian says nothing about a model that
+    generalises)."""
     s2 = sigma ** 2
     log_lik = -((z - xbar) ** 2).sum(1) / (2 * s2)
 
@@ -263,12 +272,15 @@ def exact_guided_stiffness(xbar: torch.Tensor, z: torch.Tensor, weights: torch.T
         d = (z - w @ z) * w.sqrt()[:, None]
         return d.T @ d, w.max().item()
 
-    cov_u, top = posterior_cov(log_lik)
+    cov_u, top_u = posterior_cov(log_lik)
     keep = weights > 0
-    cov_c, _ = posterior_cov(torch.where(keep, log_lik + weights.clamp_min(1e-300).log(), -torch.inf))
+    cov_c, top_c = posterior_cov(torch.where(keep, log_lik + weights.clamp_min(1e-300).log(), -torch.inf))
     m = guidance * cov_c - (guidance - 1) * cov_u
     eig = 1 - torch.linalg.eigvalsh((m + m.T) / 2) / s2
-    return (eig[0] if eig[0].abs() > eig[-1].abs() else eig[-1]).item(), top
+    return (eig[0] if eig[0].abs() > eig[-1].abs() else eig[-1]).item(), top_u, top_c
+
+
+_TRAINING: dict = {}   # model file → training_latents (the stiffness and exact tables share one encoding)
 
 
 def training_latents(pipe, model: str) -> tuple[torch.Tensor, list[dict], float] | None:
@@ -280,6 +292,8 @@ def training_latents(pipe, model: str) -> tuple[torch.Tensor, list[dict], float]
 
     from sdlearn.safetensors_file import SafetensorsFile
     from sdlearn.train import encode_dataset
+    if model in _TRAINING:
+        return _TRAINING[model]
     raw = SafetensorsFile(model).metadata.get("sdlearn_training")
     if raw is None:
         return None
@@ -289,7 +303,90 @@ def training_latents(pipe, model: str) -> tuple[torch.Tensor, list[dict], float]
     data = shapes.make_dataset(s["images"], s["seed"], two_shapes=s["two_shapes"], cache_dir=".cache/shapes")
     with torch.inference_mode():
         mean, _ = encode_dataset(pipe.vae, data.images, torch.device("cpu"))
-    return (mean * pipe.vae.scaling_factor).flatten(1).double(), data.attributes, noise
+    _TRAINING[model] = (mean * pipe.vae.scaling_factor).flatten(1).double(), data.attributes, noise
+    return _TRAINING[model]
+
+
+class ExactDenoiser:
+    """The exact guided ε̂ of a finite training set, called like the pipeline's guided UNet:
+    `model(x_in, t)` for a batch whose row i asks for the prompt of `weights[i]`.
+
+    x̂₀ is the posterior mean of the training latents z (N, D) given x̄ = x/√ᾱ: every picture
+    equally likely for the unconditional half, picture j weighted by weights[i, j] (∝ p(caption |
+    picture), `caption_weights`) for row i's conditional half; guidance mixes them as the
+    pipeline mixes ε̂ (linear, so x̂₀ mixes alike), and ε̂ = (x − √ᾱ x̂₀)/√(1 − ᾱ). What a UNet
+    trained to the optimum on exactly these pictures and captions would return. A row whose
+    caption no training picture ever has (a held-out pair: `shapes.mistake` never names one) has
+    no conditional; it gets the unconditional x̂₀ (such rows are not scored)."""
+
+    def __init__(self, z: torch.Tensor, weights: torch.Tensor, schedule, guidance: float):
+        self.z, self.schedule, self.guidance = z.double(), schedule, guidance
+        weights = torch.where((weights > 0).any(1, keepdim=True), weights.double(), 1.0)
+        self.log_prior = torch.where(weights > 0, weights.clamp_min(1e-300).log(), -torch.inf)
+        self.z2 = (self.z ** 2).sum(1)
+
+    def __call__(self, x_in: torch.Tensor, t) -> torch.Tensor:
+        ab = alpha_bar_at(self.schedule, t).double()
+        x = x_in.double().flatten(1)
+        xbar, s2 = x / ab.sqrt(), (1 - ab) / ab
+        log_lik = -(self.z2 - 2 * xbar @ self.z.T + (xbar ** 2).sum(1, keepdim=True)) / (2 * s2)
+        x0_u = torch.softmax(log_lik, 1) @ self.z
+        x0_c = torch.softmax(log_lik + self.log_prior[:len(x)], 1) @ self.z
+        x0 = x0_u + self.guidance * (x0_c - x0_u)
+        return ((x - ab.sqrt() * x0) / (1 - ab).sqrt()).view_as(x_in).to(x_in.dtype)
+
+
+def _exact_run(pipe, z, pictures, noise: float, sampler: str, steps: int, seed: int):
+    """The samplers table's prompts and noise, drawn with `ExactDenoiser` → (scores of the trained
+    prompts, "prompt → colour read" for each drawn in a wrong colour)."""
+    prompts = shapes.grammar_prompts()
+    seen = [i for i, p in enumerate(prompts) if not p["held_out"]]
+    denoiser = ExactDenoiser(z, torch.stack([caption_weights(p, pictures, noise) for p in prompts]), pipe.schedule,
+                             DEFAULT_GUIDANCE)
+    with mock.patch.object(pipe, "eps_model", lambda context, guidance, recorder=None: denoiser):
+        pixels = pipe.generate([p["prompt"] for p in prompts], sampler=sampler, steps=steps, guidance=DEFAULT_GUIDANCE,
+                               seed=seed, progress=False).pixels
+    return (analyser.score_alignment([pixels[i] for i in seen], [prompts[i] for i in seen]),
+            _wrong_colours(pixels, prompts, seen))
+
+
+def _wrong_colours(pixels, prompts, seen) -> list[str]:
+    read = {i: analyser.analyse(pixels[i])["colour"] for i in seen}
+    return [f"{prompts[i]['prompt']} → {read[i]}" for i in seen if read[i] != prompts[i]["colour"]]
+
+
+def exact(pipe, model: str, seed: int, more: list[int], steps: int = 20) -> None:
+    training = training_latents(pipe, model)
+    if training is None:
+        print("exact: the file records no training set; no table\n")
+        return
+    z, pictures, noise = training
+    rows = []
+    for name, n in [(name, steps) for name in SAMPLERS] + [("pndm", 50)]:
+        s, _ = _exact_run(pipe, z, pictures, noise, name, n, seed)
+        m = _one_object(pipe, name, n, DEFAULT_GUIDANCE, seed)
+        rows.append([name, str(n), f"{pct(s['colour'])} ({pct(m['colour'])})", f"{pct(s['shape'])} ({pct(m['shape'])})",
+                     f"{pct(s['position'])} ({pct(m['position'])})", f"{pct(s['stray'])} ({pct(m['stray'])})"])
+    print(f"the exact denoiser of the model's {len(z)} training pictures (caption noise {noise:g}) in place of its "
+          f"UNet, guidance {DEFAULT_GUIDANCE:g}, seed {seed}, the samplers table's trained one-object prompts "
+          "(in brackets: the model, same noise):")
+    table(["sampler", "steps", "colour", "shape", "position", "stray"], rows)
+    variants = [("ddim", steps, noise, seed), ("ddim", 50, noise, seed), ("ddim", 100, noise, seed),
+                ("ddim", steps, 0.0, seed), ("pndm", steps, noise, seed), ("pndm", steps, 0.0, seed),
+                *[("pndm", steps, noise, s) for s in more[:1]]]
+    rows = []
+    for name, n, nz, sd in variants:
+        s, wrong = _exact_run(pipe, z, pictures, nz, name, n, sd)
+        rows.append([name, str(n), f"{nz:g}", str(sd), pct(s["colour"]), pct(s["stray"]),
+                     "; ".join(wrong[:3]) + (f"; … ({len(wrong)})" if len(wrong) > 3 else "")])
+    prompts = shapes.grammar_prompts()
+    seen = [i for i, p in enumerate(prompts) if not p["held_out"]]
+    pixels = pipe.generate([p["prompt"] for p in prompts], sampler="ddim", steps=steps, guidance=DEFAULT_GUIDANCE,
+                           seed=seed, progress=False).pixels
+    print(f"the exact denoiser again: more steps, clean captions (caption noise 0: the conditional is the "
+          f"pictures of the asked colour and shape only), another seed; the model with DDIM at {steps} steps, "
+          f"seed {seed}, draws a wrong colour for: {'; '.join(_wrong_colours(pixels, prompts, seen)) or 'none'}")
+    table(["sampler", "steps", "caption noise", "seed", "colour", "stray", "wrong colours (prompt → read)"], rows)
 
 
 def stiffness(pipe, model: str, seed: int, steps: int = 20, show=(901, 851, 751, 651, 551, 451, 351, 251)) -> None:
@@ -297,12 +394,15 @@ def stiffness(pipe, model: str, seed: int, steps: int = 20, show=(901, 851, 751,
     seen = [i for i, p in enumerate(prompts) if not p["held_out"]]
     states = {}
     pipe.generate([p["prompt"] for p in prompts], sampler="ddim", steps=steps, guidance=DEFAULT_GUIDANCE, seed=seed,
-                  progress=False, callback=lambda info: states.setdefault(info.step, info.latents[seen].clone()))
+                  progress=False, callback=lambda info: states.update({info.step: info.latents[seen].clone()}))
     sampler = SAMPLERS["ddim"](pipe.schedule)
     sampler.set_timesteps(steps)
     ts = [int(t) for t in sampler.timesteps]
     ab = pipe.schedule.alphas_cumprod.double()
-    sig = lambda t: ((1 - ab[t]) / ab[t]).sqrt().item()   # noqa: E731
+
+    def sig(t: int) -> float:
+        return ((1 - ab[t]) / ab[t]).sqrt().item()
+
     empty = pipe.encode_prompts([""] * len(seen))
     cond = pipe.encode_prompts([prompts[i]["prompt"] for i in seen])
     both = torch.cat([empty, cond])
@@ -322,24 +422,28 @@ def stiffness(pipe, model: str, seed: int, steps: int = 20, show=(901, 851, 751,
                 ("guided", lambda v: pipe.eps_model(both, DEFAULT_GUIDANCE)(v, t)))}
         ratio = (sig(ts[k + 1]) - sig(t)) / sig(t)
         cells = [str(t), f"{sig(t):.2f}", f"{ratio:.3f}", f"{0.3 / abs(ratio):.2f}"]
-        cells += [f"{lam[n].median():.2f}" for n in ("uncond", "cond")]
+        cells += [f"{lam[n].quantile(0.5):.2f}" for n in ("uncond", "cond")]
         g = lam["guided"]
-        cells += [f"{g.median():.2f} ({g.quantile(0.1):.2f}–{g.quantile(0.9):.2f})", f"{(ratio * g).median():.2f}"]
+        cells += [f"{g.quantile(0.5):.2f} ({g.quantile(0.1):.2f}–{g.quantile(0.9):.2f})",
+                  f"{(ratio * g).quantile(0.5):.2f}"]
         if training is not None:
-            exact = [exact_guided_stiffness(x[j].double().flatten() / ab[t].sqrt(), z, weights[j], sig(t),
-                                            DEFAULT_GUIDANCE) for j in range(len(seen))]
-            e = torch.tensor([v for v, _ in exact])
-            cells += [f"{e.median():.2f} ({e.quantile(0.1):.2f}–{e.quantile(0.9):.2f})", f"{(ratio * e).median():.2f}",
-                      f"{statistics.median(w for _, w in exact):.3f}"]
+            exact = torch.tensor([exact_guided_stiffness(x[j].double().flatten() / ab[t].sqrt(), z, weights[j], sig(t),
+                                                         DEFAULT_GUIDANCE) for j in range(len(seen))])
+            e, top_u, top_c = exact.T
+            cells += [f"{e.quantile(0.5):.2f} ({e.quantile(0.1):.2f}–{e.quantile(0.9):.2f})",
+                      f"{(ratio * e).quantile(0.5):.2f}", f"{top_u.quantile(0.5):.3f}",
+                      f"{top_c.quantile(0.5):.3f} ({top_c.quantile(0.9):.3f})"]
         rows.append(cells)
     header = ["t", "σ", "h/σ (to the next step)", "AB4 damps while σλ <", "σλ uncond", "σλ cond",
               "σλ guided (10–90 %)", "z = hλ guided"]
     if training is not None:
-        header += ["exact denoiser: σλ guided (10–90 %)", "its z", "its largest weight of one picture"]
+        header += ["exact denoiser: σλ guided (10–90 %)", "its z", "largest weight of one picture: ε̂_u",
+                   "ε̂_c (90 %)"]
     print(f"stiffness along the guided {steps}-step DDIM runs (guidance {DEFAULT_GUIDANCE:g}, seed {seed}) of the "
           f"{len(seen)} trained one-object prompts: σλ, λ the eigenvalue of largest size of ∂ε̂/∂x̄, medians"
           + ("" if training is not None else "; no exact-denoiser columns: the file records no training set")
-          + (f"; the exact denoiser of the {len(z)} training pictures, caption noise {noise:g}" if training else "") + ":")
+          + (f"; the exact denoiser of the {len(z)} training pictures, caption noise {noise:g}, at the same states"
+             if training is not None else "") + ":")
     table(header, rows)
 
 
@@ -423,11 +527,12 @@ def speed(pipe, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(TINY_PATH), help="a tiny-model file (default: the shipped one)")
-    parser.add_argument("--only", default="samplers,seeds,pndm,windows,stiffness,held_out,pairs,img2img,speed")
+    parser.add_argument("--only", default="samplers,seeds,pndm,windows,stiffness,exact,held_out,pairs,img2img,speed")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5, 10.0])
     parser.add_argument("--strength", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--more-seeds", type=int, nargs="+", default=[1, 2], help="for the seeds, pndm and windows tables")
+    parser.add_argument("--more-seeds", type=int, nargs="+", default=[1, 2],
+                        help="for the seeds, pndm, windows and exact tables")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     pipe = load_pipeline(args.model, device="cpu", dtype=torch.float32)
@@ -446,6 +551,8 @@ def main() -> None:
         windows(pipe, args.seed, args.more_seeds)
     if "stiffness" in only:
         stiffness(pipe, args.model, args.seed)
+    if "exact" in only:
+        exact(pipe, args.model, args.seed, args.more_seeds)
     if "held_out" in only:
         held_out(pipe, args.seed)
     if "pairs" in only:

@@ -274,9 +274,12 @@ def test_exact_guided_stiffness_is_the_jacobian_of_the_exact_denoiser():
 
     jac = torch.autograd.functional.jacobian(eps, xbar)
     want = sigma * max(torch.linalg.eigvals(jac).real.tolist(), key=abs)
-    got, top = tiny_quality.exact_guided_stiffness(xbar, z, weights, sigma, g)
+    got, top_u, top_c = tiny_quality.exact_guided_stiffness(xbar, z, weights, sigma, g)
     assert abs(got - want) < 1e-9 * max(1.0, abs(want)), (got, want)
-    assert 0 < top <= 1
+    log_lik = -((z - xbar) ** 2).sum(1) / (2 * sigma ** 2)
+    assert top_u == pytest.approx(torch.softmax(log_lik, 0).max().item(), rel=1e-12)
+    conditional = torch.where(weights > 0, log_lik + weights.clamp_min(1e-300).log(), -torch.inf)
+    assert top_c == pytest.approx(torch.softmax(conditional, 0).max().item(), rel=1e-12)
 
 
 def test_caption_weights_follow_what_mistakes_say():
@@ -304,3 +307,27 @@ def test_caption_weights_follow_what_mistakes_say():
     two = {"shapes": picture["shapes"] * 2}
     assert tiny_quality.caption_weights(elsewhere, [picture, two], noise).tolist() == [0.0, 0.0]
     assert tiny_quality.caption_weights({**elsewhere, "position": None}, [picture], noise).item() == 1 - noise
+
+
+def test_exact_denoiser_is_the_toy_ideal_denoiser_of_point_masses():
+    """bench/tiny_quality.py's exact table: the exact ε̂ of a finite set (each row its own
+    conditional weights) must equal sdlearn.toy's ideal denoiser of the same points as a mixture of
+    zero-width Gaussians, the conditional being the points of one class, at any guidance."""
+    import tiny_quality
+
+    from sdlearn import toy
+    from sdlearn.schedule import NoiseSchedule
+
+    gen = torch.Generator().manual_seed(0)
+    points = torch.randn(12, 4, generator=gen, dtype=torch.float64) * 1.5
+    labels = torch.arange(12) % 3
+    mixture = toy.GaussianMixture(points, torch.zeros(12, dtype=torch.float64),
+                                  torch.full((12,), 1 / 12, dtype=torch.float64), labels)
+    schedule = NoiseSchedule.scaled_linear()
+    weights = torch.stack([(labels == c).double() for c in (0, 2)])          # row 0: class 0, row 1: class 2
+    x = torch.randn(2, 1, 2, 2, generator=gen, dtype=torch.float64)
+    for t, g in [(901, 7.5), (451, 1.0), (101, 3.0)]:
+        got = tiny_quality.ExactDenoiser(points, weights, schedule, g)(x, t)
+        for row, c in enumerate((0, 2)):
+            want = toy.IdealDenoiser(mixture, schedule, label=c, guidance=g)(x[row].flatten()[None], t)
+            assert torch.allclose(got[row].flatten(), want[0], rtol=1e-9, atol=1e-12), (t, g, c)
