@@ -33,7 +33,7 @@ at the model's defaults (its sampler and steps, guidance 7.5) unless a table var
              samplers table's prompts and noise: colour, shape, position, strays, the model's beside;
              then DDIM with more steps, clean captions, and PNDM at the first of --more-seeds, with
              the prompts drawn in a wrong colour. About 8 minutes (with the stiffness table, which shares
-             its encoding of the training set: about 17).
+             its encoding of the training set: about 17; 20 run apart).
   held_out   the 54 held-out one-object prompts (`shapes.held_out_prompts`, with sizes).
   pairs      the 120 two-object prompts (`shapes.pair_prompts`) at several guidance scales:
              both objects right (colour, shape and side), swaps, colour leaks, strays; the
