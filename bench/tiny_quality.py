@@ -47,6 +47,7 @@ at the model's defaults (its sampler and steps, guidance 7.5) unless a table var
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -61,9 +62,11 @@ from common import environment  # noqa: E402
 from sdlearn import analyser, shapes  # noqa: E402
 from sdlearn.device import ENV_THREADS  # noqa: E402
 from sdlearn.pipeline import load_pipeline  # noqa: E402
+from sdlearn.safetensors_file import SafetensorsFile  # noqa: E402
 from sdlearn.samplers import SAMPLERS, PNDMSampler, StepOutput  # noqa: E402
 from sdlearn.sources import TINY_PATH  # noqa: E402
 from sdlearn.toy import alpha_bar_at  # noqa: E402
+from sdlearn.train import encode_dataset  # noqa: E402
 
 DEFAULT_GUIDANCE = 7.5
 TARGETS = """issue 15 targets: one object ≥ 98 % colour, shape, position for each sampler; two objects
@@ -288,10 +291,6 @@ def training_latents(pipe, model: str) -> tuple[torch.Tensor, list[dict], float]
     of two shapes, the last part's caption noise), encoded by its VAE (posterior means × scaling
     factor, as the UNet saw them up to the posterior's σ ≈ 0.004), flattened → (z, attributes,
     caption noise); None if the file does not say."""
-    import json
-
-    from sdlearn.safetensors_file import SafetensorsFile
-    from sdlearn.train import encode_dataset
     if model in _TRAINING:
         return _TRAINING[model]
     raw = SafetensorsFile(model).metadata.get("sdlearn_training")
@@ -389,15 +388,27 @@ def exact(pipe, model: str, seed: int, more: list[int], steps: int = 20) -> None
     table(["sampler", "steps", "caption noise", "seed", "colour", "stray", "wrong colours (prompt → read)"], rows)
 
 
-def stiffness(pipe, model: str, seed: int, steps: int = 20, show=(901, 851, 751, 651, 551, 451, 351, 251)) -> None:
-    prompts = shapes.grammar_prompts()
-    seen = [i for i, p in enumerate(prompts) if not p["held_out"]]
-    states = {}
-    pipe.generate([p["prompt"] for p in prompts], sampler="ddim", steps=steps, guidance=DEFAULT_GUIDANCE, seed=seed,
-                  progress=False, callback=lambda info: states.update({info.step: info.latents[seen].clone()}))
+def ddim_states(pipe, prompts: list[str], steps: int, seed: int) -> tuple[list[int], dict[int, torch.Tensor]]:
+    """A guided DDIM run's timesteps and the x it holds at each of them but the first (the state
+    the step from t starts from: what the step before it returned), keyed by t."""
     sampler = SAMPLERS["ddim"](pipe.schedule)
     sampler.set_timesteps(steps)
     ts = [int(t) for t in sampler.timesteps]
+    states = {}
+
+    def keep(info):
+        if info.step + 1 < len(ts):
+            states[ts[info.step + 1]] = info.latents.clone()
+
+    pipe.generate(prompts, sampler="ddim", steps=steps, guidance=DEFAULT_GUIDANCE, seed=seed, progress=False,
+                  callback=keep)
+    return ts, states
+
+
+def stiffness(pipe, model: str, seed: int, steps: int = 20, show=(901, 851, 751, 651, 551, 451, 351, 251)) -> None:
+    prompts = shapes.grammar_prompts()
+    seen = [i for i, p in enumerate(prompts) if not p["held_out"]]
+    ts, states = ddim_states(pipe, [p["prompt"] for p in prompts], steps, seed)
     ab = pipe.schedule.alphas_cumprod.double()
 
     def sig(t: int) -> float:
@@ -412,9 +423,9 @@ def stiffness(pipe, model: str, seed: int, steps: int = 20, show=(901, 851, 751,
         weights = [caption_weights(prompts[i], pictures, noise) for i in seen]
     rows = []
     for k, t in enumerate(ts[:-1]):
-        if t not in show or k == 0:
+        if t not in show or t not in states:
             continue
-        x = states[k - 1]                                   # the state at t: after the step before
+        x = states[t][seen]
         scale = (1 - ab[t]).sqrt().item()                   # σ ∂ε̂/∂x̄ = √(1 − ᾱ) ∂ε̂/∂x
         with torch.inference_mode():
             lam = {name: scale * largest_eigenvalue(f, x) for name, f in (

@@ -331,3 +331,28 @@ def test_exact_denoiser_is_the_toy_ideal_denoiser_of_point_masses():
         for row, c in enumerate((0, 2)):
             want = toy.IdealDenoiser(mixture, schedule, label=c, guidance=g)(x[row].flatten()[None], t)
             assert torch.allclose(got[row].flatten(), want[0], rtol=1e-9, atol=1e-12), (t, g, c)
+
+
+def test_ddim_states_are_what_the_model_sees_at_each_timestep(tiny_pair):
+    """The stiffness table's states: the x keyed by t must be the x the guided UNet is called on at
+    t (DDIM's scale_input is the identity), not the one a step earlier or later."""
+    import tiny_quality
+    from unittest import mock
+
+    pipe, _ = tiny_pair
+    seen = {}
+    real = pipe.eps_model
+
+    def recording(context, guidance, recorder=None):
+        model = real(context, guidance)
+
+        def call(x, t):
+            seen[int(t)] = x.clone()
+            return model(x, t)
+        return call
+
+    with mock.patch.object(pipe, "eps_model", recording):
+        ts, states = tiny_quality.ddim_states(pipe, ["a red circle", "a blue square on the left"], 4, seed=3)
+    assert ts == list(seen) and sorted(states) == sorted(ts[1:])
+    for t in ts[1:]:
+        assert torch.equal(states[t], seen[t]), t
