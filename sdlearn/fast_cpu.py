@@ -7,6 +7,7 @@ swaps in subclasses that compute the same thing faster:
     fast_cpu.enable(pipe.unet)       # what load_pipeline(..., fast=True) does on a CPU (the default)
     fast_cpu.disable(pipe.unet)      # back to the plain layers
     fast_cpu.enabled(pipe.unet)      # which paths are on: ("channels_last", "linear", "conv", "geglu")
+    fast_cpu.enable(pipe.vae)        # the VAE takes one path: channels_last (load_pipeline does this too)
 
 Swapping means giving each layer a subclass as its class (`layer.__class__ = OneDNNLinear`): the
 same object, the same parameters, the same state dict; only `forward` differs. No weight is
@@ -34,6 +35,20 @@ latents 2×4×64×64, float32, 2 threads on the project's 2-core AMD EPYC with A
     geglu           GEGLU as two oneDNN products, the GELU fused into one        5.12 s     0.67
                     (first level's feed-forward 75 → 52 ms)
 
+The VAE runs its plain layers throughout; only `channels_last` applies to it, on the decoder.
+Its convolutions work on large maps (up to 512×512 × 128 channels for an SD image), where oneDNN's
+convolution is fast but, given NCHW maps, first copies each input into its own blocked layout and
+the output back; channels-last maps it takes as they are. Measured on the same machine, random
+SD v1.5 VAE, one decode to 512×512: float32 19.3 → 16.5 s on 1 thread, 11.4 → 9.4 s on 2;
+bfloat16 10.2 → 7.8 s and 5.8 → 4.5 s; the tiny model's decode to 64×64 47 → 33 ms. The
+rounding differs: PyTorch's channels-last GroupNorm takes the variance in one pass (E[x²] − E[x]²),
+so against a float64 decode the relative error is 2.5e-6 instead of 2.6e-7 (the tiny model's
+pictures; largest pixel error 1.6e-5 on the [-1, 1] scale, a 250th of one of 255 levels). The
+encoder stays NCHW, though channels-last would make it 1.2× faster: on a picture of flat colours
+(which the tiny model's are) the one-pass variance cancels (an encoder mean 9e-4 off a float64
+encode: tests/test_pipeline.py), and img2img would no longer match diffusers to float32 rounding
+(7e-5 relative in its final latents, measured, where the test allows 1e-5).
+
 PyTorch's oneDNN ops used here are private (`torch.ops.mkldnn._linear_pointwise`); their
 arguments are spelled out where they are called.
 """
@@ -45,8 +60,10 @@ import torch.nn.functional as F
 
 from .cpu_features import CPUFeatures, detect
 from .unet import GEGLU, UNet
+from .vae import AutoencoderKL
 
 PATHS = ("channels_last", "linear", "conv", "geglu")
+VAE_PATHS = ("channels_last",)          # the paths that apply to the VAE; the others are the UNet's
 
 # A k×k convolution runs as a matrix product when its output has at most this many pixels
 # (batch × height × width) per output channel. Measured on the 2-core AMD EPYC (AVX-512) this
@@ -147,7 +164,8 @@ class FusedGEGLU(GEGLU):
 # By vendor, from cpu_features: the measurements behind each choice.
 #   AMD    every path: bench/unet_ablation.py on the 2-core EPYC (Zen 5), float32, table above;
 #          in bfloat16 (AVX512_BF16) the paths took an SD v1.5 UNet call at 32×32 latents from
-#          1.82 s to 1.50 s (1 thread, README: CPU).
+#          1.82 s to 1.50 s (1 thread, README: CPU). channels_last also on the VAE: its decode
+#          0.82–0.86 × (float32), 0.76–0.77 × (bfloat16), module docstring.
 #   Intel  every path: the one configuration measured on a 2-core Xeon with AMX (issue 18:
 #          0.90 × diffusers in float32); no path has been measured alone there yet. MKL, not
 #          slow on Intel, makes `linear` the first to re-measure (bench/unet_ablation.py).
@@ -170,52 +188,62 @@ _SWAPS = {"linear": (nn.Linear, OneDNNLinear), "conv": (nn.Conv2d, MatmulConv2d)
 
 
 def _to_channels_last(module, args):
-    """Forward pre-hook: the latents in channels-last memory; every convolution keeps the format
-    of its input, so setting it once on the UNet's input is enough."""
-    latents, *rest = args
-    return (latents.contiguous(memory_format=torch.channels_last), *rest)
+    """Forward pre-hook: the input maps in channels-last memory; every convolution keeps the format
+    of its input, so setting it once on the model's input is enough."""
+    maps, *rest = args
+    return (maps.contiguous(memory_format=torch.channels_last), *rest)
 
 
 def _to_contiguous(module, args, output):
-    """Forward hook: hand back ε in the ordinary (NCHW) memory format."""
+    """Forward hook: hand back the output (ε, or the VAE's images and moments) in the ordinary
+    (NCHW) memory format."""
     return output.contiguous()
 
 
-def enable(unet: UNet, paths: tuple[str, ...] | list[str] = PATHS) -> UNet:
-    """Switch the given speed paths on (all by default); returns the same UNet."""
+def enable(model: UNet | AutoencoderKL, paths: tuple[str, ...] | list[str] = PATHS) -> UNet | AutoencoderKL:
+    """Switch the given speed paths on (all by default); returns the same model. On sdlearn's VAE
+    (`AutoencoderKL`) only `channels_last` applies, to its decoder; the other paths are the UNet's
+    and leave the VAE as it is."""
     unknown = sorted(set(paths) - set(PATHS))
     if unknown:
         raise ValueError(f"unknown speed path(s) {unknown}; expected some of {', '.join(PATHS)}")
-    if not isinstance(unet, UNet):
-        raise TypeError(f"fast_cpu works on sdlearn's UNet; got {type(unet).__name__}")
-    disable(unet)
-    for module in unet.modules():
+    if not isinstance(model, (UNet, AutoencoderKL)):
+        raise TypeError(f"fast_cpu works on sdlearn's UNet and VAE (AutoencoderKL); got {type(model).__name__}")
+    disable(model)
+    if isinstance(model, AutoencoderKL):
+        parts = (model.decoder,) if "channels_last" in paths else ()     # not the encoder: see above
+        model._fast_cpu_hooks = {
+            "channels_last": [part.register_forward_pre_hook(_to_channels_last) for part in parts],
+            "contiguous": [part.register_forward_hook(_to_contiguous) for part in parts]}
+        return model
+    for module in model.modules():
         for path in paths:
             plain, fast = _SWAPS.get(path, (None, None))
             if plain is not None and type(module) is plain:
                 module.__class__ = fast
-    hooks = {"contiguous": unet.register_forward_hook(_to_contiguous)}   # `conv` answers channels-last too
+    hooks = {"contiguous": [model.register_forward_hook(_to_contiguous)]}   # `conv` answers channels-last too
     if "channels_last" in paths:
-        hooks["channels_last"] = unet.register_forward_pre_hook(_to_channels_last)
-    unet._fast_cpu_hooks = hooks
-    return unet
+        hooks["channels_last"] = [model.register_forward_pre_hook(_to_channels_last)]
+    model._fast_cpu_hooks = hooks
+    return model
 
 
-def disable(unet: UNet) -> UNet:
-    """Back to the plain PyTorch layers; returns the same UNet."""
-    for module in unet.modules():
+def disable(model: UNet | AutoencoderKL) -> UNet | AutoencoderKL:
+    """Back to the plain PyTorch layers; returns the same model."""
+    for module in model.modules():
         for plain, fast in _SWAPS.values():
             if type(module) is fast:
                 module.__class__ = plain
-    for hook in getattr(unet, "_fast_cpu_hooks", {}).values():
-        hook.remove()
-    unet._fast_cpu_hooks = {}
-    return unet
+    for handles in getattr(model, "_fast_cpu_hooks", {}).values():
+        for handle in handles:
+            handle.remove()
+    model._fast_cpu_hooks = {}
+    return model
 
 
-def enabled(unet: UNet) -> tuple[str, ...]:
+def enabled(model: UNet | AutoencoderKL) -> tuple[str, ...]:
     """The speed paths now switched on, in the order of PATHS."""
-    on = {path for path, (_, fast) in _SWAPS.items() if any(type(m) is fast for m in unet.modules())}
-    if "channels_last" in getattr(unet, "_fast_cpu_hooks", {}):
+    on = {path for path, (_, fast) in _SWAPS.items() if any(type(m) is fast for m in model.modules())}
+    if getattr(model, "_fast_cpu_hooks", {}).get("channels_last"):
         on.add("channels_last")
     return tuple(p for p in PATHS if p in on)

@@ -466,8 +466,9 @@ def load_pipeline(source: str | os.PathLike = "tiny", device: str | torch.device
     AVX512_BF16: sdlearn.device.auto_dtype), faster and a few pixel levels away from float32.
     Each tensor is cast and moved as it is read; on the CPU in its stored dtype a
     weight stays a view of the memory-mapped file, so the weights are never held twice.
-    fast=True (on a CPU) swaps the UNet's layers for `sdlearn.fast_cpu`'s faster ones: same
-    weights, same results to float32 rounding; fast=False keeps the plain PyTorch layers.
+    fast=True (on a CPU) swaps the UNet's layers for `sdlearn.fast_cpu`'s faster ones and runs the
+    VAE's decoder on channels-last maps: same weights, same results to float32 rounding; fast=False keeps
+    the plain PyTorch layers and memory format.
     """
     device = resolve_device(device)
     dtype = auto_dtype(device) if dtype == "auto" else dtype or default_dtype(device)
@@ -478,6 +479,7 @@ def load_pipeline(source: str | os.PathLike = "tiny", device: str | torch.device
     models = {c: load_component(ckpt, c, device, dtype) for c in COMPONENTS}
     if fast and device.type == "cpu":
         fast_cpu.enable(models["unet"], fast_cpu.choose_paths())
+        fast_cpu.enable(models["vae"], fast_cpu.choose_paths())
     tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_folder) if ckpt.tokenizer_folder else default_tokenizer()
     defaults = read_defaults(ckpt)
     pipe = Pipeline(tokenizer=tokenizer, schedule=defaults.schedule, device=device, dtype=dtype,

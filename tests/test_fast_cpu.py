@@ -13,6 +13,7 @@ from sdlearn import fast_cpu
 from sdlearn.fast_cpu import FusedGEGLU, MatmulConv2d, OneDNNLinear
 from sdlearn.unet import GEGLU
 from test_unet import THREE_LEVELS, inputs, models
+from test_vae import THREE_WIDTHS, check_parity, images, make_pair
 
 needs_onednn = pytest.mark.skipif(not fast_cpu.AVAILABLE, reason="this PyTorch build has no oneDNN linear op")
 
@@ -127,10 +128,53 @@ def test_unet_gives_the_same_output_with_any_speed_path(paths):
     assert rel_err(got, want) < 1e-4           # and still diffusers' UNet
 
 
+def test_the_vae_runs_on_channels_last_maps_and_still_matches_diffusers():
+    ours, ref = make_pair(THREE_WIDTHS)
+    before = {k: v.data_ptr() for k, v in ours.state_dict().items()}
+    x = images(2, 24, 32)
+    z = torch.randn(2, 4, 6, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain_mean, plain_images = ours.encode(x).mean, ours.decode(z)
+        seen = []
+        ours.decoder.conv_in.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(
+            memory_format=torch.channels_last)))
+        fast_cpu.enable(ours, fast_cpu.PATHS)                 # the UNet's paths leave the VAE as it is
+        assert fast_cpu.enabled(ours) == ("channels_last",)
+        mean, decoded = ours.encode(x).mean, ours.decode(z)
+        assert seen == [True]                                 # the decoder's maps are channels-last inside
+        assert decoded.is_contiguous()                        # and handed back NCHW
+        assert torch.equal(mean, plain_mean)                  # the encoder as it was (see fast_cpu's docstring)
+        assert rel_err(decoded, plain_images) < 1e-5          # float32 rounding
+        check_parity(ours, ref, x)                            # still diffusers' VAE
+        fast_cpu.disable(ours)
+        assert fast_cpu.enabled(ours) == ()
+        seen.clear()
+        ours.decode(z)
+        assert seen == [False]                                # the hooks are gone
+    assert {k: v.data_ptr() for k, v in ours.state_dict().items()} == before   # no weight copied or re-laid out
+    assert fast_cpu.enabled(fast_cpu.enable(ours, ["linear", "conv"])) == ()
+    with pytest.raises(TypeError, match="UNet and VAE"):
+        fast_cpu.enable(nn.Linear(2, 2))
+
+
+def test_channels_last_vae_is_as_accurate_as_the_plain_one():
+    """Against a float64 decode, channels-last float32 stays at float32's accuracy: its rounding
+    is ordered differently, not coarser (SD v1.5 size: 5e-6 against 1e-6)."""
+    ours, _ = make_pair(THREE_WIDTHS, seed=1)
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        exact = ours.double().decode(z.double())
+        ours.float()
+        plain = rel_err(ours.decode(z).double(), exact)
+        fast = rel_err(fast_cpu.enable(ours).decode(z).double(), exact)
+    assert fast < max(10 * plain, 1e-6), (fast, plain)
+
+
 def test_load_pipeline_enables_the_paths_on_cpu_unless_told_not_to():
-    assert fast_cpu.enabled(sdlearn.load_pipeline("tiny", device="cpu").unet) == fast_cpu.PATHS
+    pipe = sdlearn.load_pipeline("tiny", device="cpu")
+    assert fast_cpu.enabled(pipe.unet) == fast_cpu.PATHS and fast_cpu.enabled(pipe.vae) == ("channels_last",)
     plain = sdlearn.load_pipeline("tiny", device="cpu", fast=False)
-    assert fast_cpu.enabled(plain.unet) == ()
+    assert fast_cpu.enabled(plain.unet) == () and fast_cpu.enabled(plain.vae) == ()
     a = sdlearn.load_pipeline("tiny", device="cpu").generate("a red circle", seed=0, progress=False)
     b = plain.generate("a red circle", seed=0, progress=False)
     assert (a.pixels - b.pixels).abs().max() < 1e-4
