@@ -1,4 +1,5 @@
-"""Faster CPU inference for the UNet, switched on and off without touching its weights.
+"""Faster CPU inference for the UNet and the VAE decoder, switched on and off without touching
+their weights.
 
 `sdlearn/unet.py` is written with plain `nn.Linear`, `nn.Conv2d` and a two-line GEGLU, the
 operations a learner reads in the paper. On a CPU, PyTorch runs some of them slowly; this module
@@ -7,7 +8,8 @@ swaps in subclasses that compute the same thing faster:
     fast_cpu.enable(pipe.unet)       # what load_pipeline(..., fast=True) does on a CPU (the default)
     fast_cpu.disable(pipe.unet)      # back to the plain layers
     fast_cpu.enabled(pipe.unet)      # which paths are on: ("channels_last", "linear", "conv", "geglu")
-    fast_cpu.enable(pipe.vae)        # the VAE takes one path: channels_last (load_pipeline does this too)
+    fast_cpu.enable(pipe.vae)        # the VAE takes one path, channels_last (load_pipeline does this too)
+    fast_cpu.disable(pipe.vae)       # its decoder back on NCHW maps: diffusers' very operations
 
 Swapping means giving each layer a subclass as its class (`layer.__class__ = OneDNNLinear`): the
 same object, the same parameters, the same state dict; only `forward` differs. No weight is
@@ -15,7 +17,10 @@ copied or re-laid out ahead of time, so nothing goes stale when the weights chan
 forward steps aside for the plain one when it cannot help: autograd (training), another device
 or dtype than float32 or bfloat16 on the CPU, and while `torch.compile` traces the model. The
 results equal the plain layers' to float32 rounding, or bfloat16 rounding for a bfloat16 model
-(tests/test_fast_cpu.py).
+(tests/test_fast_cpu.py). The `channels_last` path is not a layer but a pair of hooks (the input
+made channels-last, the output made NCHW again); those always apply, on any device, in training
+and under `torch.compile`, where channels-last maps are as correct and, for convolutions, usually
+no slower.
 
 Which paths `load_pipeline` switches on is chosen from what the CPU reports (`choose_paths`,
 sdlearn.cpu_features), not from the machine they were measured on.
@@ -36,18 +41,22 @@ latents 2×4×64×64, float32, 2 threads on the project's 2-core AMD EPYC with A
                     (first level's feed-forward 75 → 52 ms)
 
 The VAE runs its plain layers throughout; only `channels_last` applies to it, on the decoder.
-Its convolutions work on large maps (up to 512×512 × 128 channels for an SD image), where oneDNN's
+Its convolutions work on large maps (up to 512×512 × 256 channels for an SD image), where oneDNN's
 convolution is fast but, given NCHW maps, first copies each input into its own blocked layout and
 the output back; channels-last maps it takes as they are. Measured on the same machine, random
-SD v1.5 VAE, one decode to 512×512: float32 19.3 → 16.5 s on 1 thread, 11.4 → 9.4 s on 2;
-bfloat16 10.2 → 7.8 s and 5.8 → 4.5 s; the tiny model's decode to 64×64 47 → 33 ms. The
-rounding differs: PyTorch's channels-last GroupNorm takes the variance in one pass (E[x²] − E[x]²),
-so against a float64 decode the relative error is 2.5e-6 instead of 2.6e-7 (the tiny model's
-pictures; largest pixel error 1.6e-5 on the [-1, 1] scale, a 250th of one of 255 levels). The
-encoder stays NCHW, though channels-last would make it 1.2× faster: on a picture of flat colours
-(which the tiny model's are) the one-pass variance cancels (an encoder mean 9e-4 off a float64
-encode: tests/test_pipeline.py), and img2img would no longer match diffusers to float32 rounding
-(7e-5 relative in its final latents, measured, where the test allows 1e-5).
+SD v1.5 VAE, one decode to 512×512, in scratch runs (the README's bench table is the reference
+for absolute times): float32 0.86 × the NCHW time on 1 thread, 0.82 × on 2; bfloat16 0.76 × and
+0.78 ×; the tiny model's decode to 64×64 0.69 ×. The rounding differs: PyTorch's channels-last
+GroupNorm takes the variance in one pass (E[x²] − E[x]²), so against a float64 decode the relative
+error is 2.5e-6 instead of 2.6e-7 (the tiny model's pictures; largest pixel error 1.6e-5 on the
+[-1, 1] scale, a 500th of one of 255 levels; flat single-colour pictures, the case where a
+one-pass variance would cancel, 1e-5 – 2e-5, for the tiny model and a random SD VAE alike: a
+group's spread includes its channels' different means, which a flat picture does not remove).
+Real SD v1.5 weights were not available to measure. The encoder stays NCHW, though channels-last
+would make it 1.2× faster: its first GroupNorm sees the picture itself, and a channels-last
+encoder failed tests/test_pipeline.py's img2img parity (final latents 7e-5 from diffusers', where
+the test allows 1e-5; that file also records diffusers' own encoder, handed a picture with
+channels-last strides, 9e-4 off a float64 encode).
 
 PyTorch's oneDNN ops used here are private (`torch.ops.mkldnn._linear_pointwise`); their
 arguments are spelled out where they are called.
@@ -164,10 +173,11 @@ class FusedGEGLU(GEGLU):
 # By vendor, from cpu_features: the measurements behind each choice.
 #   AMD    every path: bench/unet_ablation.py on the 2-core EPYC (Zen 5), float32, table above;
 #          in bfloat16 (AVX512_BF16) the paths took an SD v1.5 UNet call at 32×32 latents from
-#          1.82 s to 1.50 s (1 thread, README: CPU). channels_last also on the VAE: its decode
-#          0.82–0.86 × (float32), 0.76–0.77 × (bfloat16), module docstring.
+#          1.82 s to 1.50 s (1 thread, README: CPU). channels_last also on the VAE decoder:
+#          0.82–0.86 × (float32), 0.76–0.78 × (bfloat16), module docstring.
 #   Intel  every path: the one configuration measured on a 2-core Xeon with AMX (issue 18:
-#          0.90 × diffusers in float32); no path has been measured alone there yet. MKL, not
+#          0.90 × diffusers in float32); no path has been measured alone there yet, nor the
+#          VAE decoder's channels_last (oneDNN's own advice for its convolutions). MKL, not
 #          slow on Intel, makes `linear` the first to re-measure (bench/unet_ablation.py).
 PATHS_BY_VENDOR = {"AMD": PATHS, "Intel": PATHS}
 

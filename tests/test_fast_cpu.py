@@ -153,21 +153,35 @@ def test_the_vae_runs_on_channels_last_maps_and_still_matches_diffusers():
         assert seen == [False]                                # the hooks are gone
     assert {k: v.data_ptr() for k, v in ours.state_dict().items()} == before   # no weight copied or re-laid out
     assert fast_cpu.enabled(fast_cpu.enable(ours, ["linear", "conv"])) == ()
+    fast_cpu.enable(ours)
+    fast_cpu.enable(ours)                                     # twice: still one pair of hooks
+    assert (len(ours.decoder._forward_pre_hooks), len(ours.decoder._forward_hooks)) == (1, 1)
+    fast_cpu.disable(ours)
+    assert (len(ours.decoder._forward_pre_hooks), len(ours.decoder._forward_hooks)) == (0, 0)
+    assert not ours.encoder._forward_pre_hooks and not ours.encoder._forward_hooks
     with pytest.raises(TypeError, match="UNet and VAE"):
         fast_cpu.enable(nn.Linear(2, 2))
 
 
-def test_channels_last_vae_is_as_accurate_as_the_plain_one():
-    """Against a float64 decode, channels-last float32 stays at float32's accuracy: its rounding
-    is ordered differently, not coarser (SD v1.5 size: 5e-6 against 1e-6)."""
+@pytest.mark.parametrize("latents", ["random", "flat picture"])
+def test_channels_last_decoder_stays_at_float32_accuracy(latents):
+    """Against a float64 decode, the channels-last decoder's float32 error is a few times the
+    plain one's (its GroupNorm takes the variance in one pass), still about 1e-6 relative; also
+    for a flat single-colour picture, where a one-pass variance could cancel (measured: the tiny
+    model 1.3e-6 – 5.5e-6 against 2.2e-7 – 1.3e-6 plain, a random SD v1.5 VAE 8e-6 against 2e-6)."""
     ours, _ = make_pair(THREE_WIDTHS, seed=1)
-    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    if latents == "random":
+        z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    else:
+        with torch.no_grad():
+            z = ours.encode(torch.tensor([0.9, -0.6, 0.2])[None, :, None, None].expand(1, 3, 64, 64)).mean
     with torch.no_grad():
         exact = ours.double().decode(z.double())
         ours.float()
         plain = rel_err(ours.decode(z).double(), exact)
         fast = rel_err(fast_cpu.enable(ours).decode(z).double(), exact)
-    assert fast < max(10 * plain, 1e-6), (fast, plain)
+    assert fast != plain                                      # the channels-last decode did run
+    assert fast < max(10 * plain, 1e-5), (fast, plain)
 
 
 def test_load_pipeline_enables_the_paths_on_cpu_unless_told_not_to():
