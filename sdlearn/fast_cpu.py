@@ -72,7 +72,6 @@ from .unet import GEGLU, UNet
 from .vae import AutoencoderKL
 
 PATHS = ("channels_last", "linear", "conv", "geglu")
-VAE_PATHS = ("channels_last",)          # the paths that apply to the VAE; the others are the UNet's
 
 # A k×k convolution runs as a matrix product when its output has at most this many pixels
 # (batch × height × width) per output channel. Measured on the 2-core AMD EPYC (AVX-512) this
